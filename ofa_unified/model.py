@@ -1,0 +1,561 @@
+"""The OFA encoder-decoder, readable top to bottom.
+
+One Transformer reads image patches (ResNet features) followed by instruction tokens and writes
+tokens of the joint vocabulary. What makes it OFA rather than a plain seq2seq model:
+
+* positions are not added to the tokens; they enter every attention layer as a bias
+  `(pos_q * s) @ pos_k^T` computed once per forward (TUPE-style decoupled positions),
+  with a per-layer learned relative bias on top (1D for text, 2D for image patches/codes);
+* NormFormer extras: per-head scale `c_attn` and a LayerNorm after each attention and on the
+  FFN hidden; attention scale `(head_dim * 2) ** -0.5`;
+* the decoder treats image-code outputs (`code_mask`) with 2D image positions.
+
+Parameter names follow OFA's HF port, so official weights load with renames only
+(see `checkpoint.py`). `encode` runs once; `decode` is incremental over a `KVCache` so the
+decoding loops in `generate.py` cost one token per step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ofa_unified.resnet import RESNET_LAYERS, ResNet, drop_path
+
+PAD_ID = 1
+CONFIG_DIR = Path(__file__).parent / "model_configs"
+
+
+@dataclass
+class OFAConfig:
+    """Architecture of one model. Named sizes live in `model_configs/*.json`."""
+
+    vocab_size: int = 59457
+    d_model: int = 256
+    encoder_layers: int = 4
+    decoder_layers: int = 4
+    encoder_heads: int = 4
+    decoder_heads: int = 4
+    encoder_ffn_dim: int = 1024
+    decoder_ffn_dim: int = 1024
+    resnet_layers: tuple[int, int, int] = RESNET_LAYERS["resnet50"]
+    resnet_width: int = 64
+    max_positions: int = 1024
+    token_bucket_size: int = 256
+    image_bucket_size: int = 42
+    # Width of the code grid the decoder writes for image outputs (OFA: code_image_size // 8).
+    code_grid_size: int = 16
+    dropout: float = 0.1
+    attention_dropout: float = 0.0
+    activation_dropout: float = 0.0
+    encoder_drop_path_rate: float = 0.0
+    decoder_drop_path_rate: float = 0.0
+    resnet_drop_path_rate: float = 0.0
+    # Preprocessing and decoding conventions that travel with the weights.
+    patch_image_size: int = 480
+    prompt_type: str = "none"  # "prev_output": source minus eos is forced as decoder prefix (OFA fine-tuned)
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.resnet_layers = tuple(self.resnet_layers)
+        for name in ("d_model", "encoder_layers", "decoder_layers", "vocab_size", "resnet_width"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"OFAConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for side in ("encoder", "decoder"):
+            heads = getattr(self, f"{side}_heads")
+            if self.d_model % heads:
+                raise ValueError(f"d_model {self.d_model} is not divisible by {side}_heads {heads}")
+        if len(self.resnet_layers) != 3:
+            raise ValueError(f"resnet_layers needs 3 stage depths, got {self.resnet_layers}")
+        if self.prompt_type not in ("none", "prev_output"):
+            raise ValueError(f"prompt_type must be 'none' or 'prev_output', got {self.prompt_type!r}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["resnet_layers"] = list(self.resnet_layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> OFAConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown OFAConfig fields: {unknown}")
+        return cls(**d)
+
+
+# ---------------------------------------------------------------------------------------------
+# Relative position buckets (deterministic index tables, recomputed rather than stored)
+
+
+@lru_cache(maxsize=4)
+def token_bucket_positions(bucket_size: int, max_position: int) -> torch.Tensor:
+    """[max_position, max_position] bucket ids: exact within +-bucket/2, log-spaced beyond."""
+    rel = torch.arange(max_position)[:, None] - torch.arange(max_position)[None, :]
+    sign = torch.sign(rel)
+    mid = bucket_size // 2
+    abs_pos = torch.where((rel < mid) & (rel > -mid), mid - 1, rel.abs())
+    log_pos = torch.ceil(torch.log(abs_pos / mid) / math.log((max_position - 1) / mid) * (mid - 1)) + mid
+    bucket = torch.where(abs_pos <= mid, rel, log_pos.int() * sign).long()
+    return bucket + bucket_size - 1
+
+
+@lru_cache(maxsize=4)
+def image_bucket_positions(bucket_size: int) -> torch.Tensor:
+    """[n*n+1, n*n+1] ids of 2D offsets between grid cells; row/col 0 is a special (cls) slot."""
+    num_rel = (2 * bucket_size - 1) ** 2 + 3
+    coords = torch.stack(torch.meshgrid(torch.arange(bucket_size), torch.arange(bucket_size), indexing="ij"))
+    coords = coords.flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + bucket_size - 1
+    index = torch.zeros((bucket_size * bucket_size + 1,) * 2, dtype=torch.long)
+    index[1:, 1:] = rel[:, :, 0] * (2 * bucket_size - 1) + rel[:, :, 1]
+    index[0, :] = num_rel - 3
+    index[:, 0] = num_rel - 2
+    index[0, 0] = num_rel - 1
+    return index
+
+
+def image_position_ids(height: int, width: int, bucket_size: int) -> torch.Tensor:
+    """Flattened 2D position ids `row * bucket + col + 1` of an h x w grid."""
+    return (torch.arange(height)[:, None] * bucket_size + torch.arange(width)[None, :] + 1).flatten()
+
+
+def decoder_code_positions(grid: int, bucket_size: int) -> torch.Tensor:
+    """Image position ids for decoder steps when the output is a code grid (bos gets 0)."""
+    ids = image_position_ids(grid, grid, bucket_size)
+    return torch.cat([torch.zeros(1, dtype=torch.long), ids, torch.full((768,), 1024)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoder output and decoder cache
+
+
+@dataclass
+class EncoderOutput:
+    hidden: torch.Tensor  # [B, S, d] after the final LayerNorm
+    padding_mask: torch.Tensor  # [B, S] True where padded
+    pos_embed: torch.Tensor  # [B, S, d] normalised absolute positions, for the cross-attention bias
+    code_mask: torch.Tensor | None = None  # [B] True: this sample's decoder writes image codes
+
+    def index_select(self, idx: torch.Tensor) -> EncoderOutput:
+        pick = lambda t: None if t is None else t.index_select(0, idx)
+        return EncoderOutput(pick(self.hidden), pick(self.padding_mask), pick(self.pos_embed), pick(self.code_mask))
+
+    def repeat_interleave(self, n: int) -> EncoderOutput:
+        idx = torch.arange(self.hidden.size(0), device=self.hidden.device).repeat_interleave(n)
+        return self.index_select(idx)
+
+
+@dataclass
+class KVCache:
+    """Per-layer self-attention keys/values (growing) and cross-attention keys/values (fixed)."""
+
+    self_kv: list[tuple[torch.Tensor, torch.Tensor]]
+    cross_kv: list[tuple[torch.Tensor, torch.Tensor]]
+    length: int = 0
+
+    def reorder(self, idx: torch.Tensor) -> KVCache:
+        pick = lambda kv: (kv[0].index_select(0, idx), kv[1].index_select(0, idx))
+        self.self_kv = [pick(kv) for kv in self.self_kv]
+        self.cross_kv = [pick(kv) for kv in self.cross_kv]
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers
+
+
+class Attention(nn.Module):
+    """Multi-head attention with NormFormer head scaling; positions arrive as an additive bias."""
+
+    def __init__(self, d_model: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads, self.head_dim = heads, d_model // heads
+        self.scaling = (self.head_dim * 2) ** -0.5
+        self.dropout = dropout
+        self.q_proj = nn.Linear(d_model, d_model)
+        self.k_proj = nn.Linear(d_model, d_model)
+        self.v_proj = nn.Linear(d_model, d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+        self.c_attn = nn.Parameter(torch.ones(heads))
+
+    def split(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(x.size(0), x.size(1), self.heads, self.head_dim).transpose(1, 2)
+
+    def project_kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.split(self.k_proj(x)), self.split(self.v_proj(x))
+
+    def forward(
+        self, x: torch.Tensor, bias: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
+        q = self.split(self.q_proj(x))
+        k, v = kv
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0, scale=self.scaling
+        )
+        out = out * self.c_attn.view(1, -1, 1, 1)
+        return self.out_proj(out.transpose(1, 2).reshape(x.shape))
+
+
+class EncoderLayer(nn.Module):
+    """Pre-LN block: attention (+ mid LayerNorm), then FFN with a LayerNorm on its hidden."""
+
+    def __init__(self, cfg: OFAConfig, heads: int, ffn_dim: int, drop_path_rate: float):
+        super().__init__()
+        d = cfg.d_model
+        self.self_attn = Attention(d, heads, cfg.attention_dropout)
+        self.self_attn_layer_norm = nn.LayerNorm(d)
+        self.self_attn_mid_layer_norm = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, ffn_dim)
+        self.ffn_layer_norm = nn.LayerNorm(ffn_dim)
+        self.fc2 = nn.Linear(ffn_dim, d)
+        self.final_layer_norm = nn.LayerNorm(d)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.activation_dropout = nn.Dropout(cfg.activation_dropout)
+        self.drop_path_rate = drop_path_rate
+
+    def residual(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return x + drop_path(self.dropout(h), self.drop_path_rate, self.training)
+
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.activation_dropout(F.gelu(self.fc1(self.final_layer_norm(x))))
+        return self.residual(x, self.fc2(self.ffn_layer_norm(h)))
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        h = self.self_attn_layer_norm(x)
+        x = self.residual(x, self.self_attn_mid_layer_norm(self.self_attn(h, bias, self.self_attn.project_kv(h))))
+        return self.feed_forward(x)
+
+
+class DecoderLayer(EncoderLayer):
+    """Self-attention over past steps (cached keys/values), cross-attention to the encoder, FFN."""
+
+    def __init__(self, cfg: OFAConfig, heads: int, ffn_dim: int, drop_path_rate: float):
+        super().__init__(cfg, heads, ffn_dim, drop_path_rate)
+        self.cross_attn = Attention(cfg.d_model, heads, cfg.attention_dropout)
+        self.cross_attn_layer_norm = nn.LayerNorm(cfg.d_model)
+        self.cross_attn_mid_layer_norm = nn.LayerNorm(cfg.d_model)
+
+    def forward(  # type: ignore[override]
+        self,
+        x: torch.Tensor,
+        self_bias: torch.Tensor,
+        past_kv: tuple[torch.Tensor, torch.Tensor] | None,
+        cross_bias: torch.Tensor,
+        cross_kv: tuple[torch.Tensor, torch.Tensor],
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        h = self.self_attn_layer_norm(x)
+        k, v = self.self_attn.project_kv(h)
+        if past_kv is not None:
+            k, v = torch.cat([past_kv[0], k], dim=2), torch.cat([past_kv[1], v], dim=2)
+        x = self.residual(x, self.self_attn_mid_layer_norm(self.self_attn(h, self_bias, (k, v))))
+        h = self.cross_attn(self.cross_attn_layer_norm(x), cross_bias, cross_kv)
+        x = self.residual(x, self.cross_attn_mid_layer_norm(h))
+        return self.feed_forward(x), (k, v)
+
+
+def position_bias(q_linear: nn.Linear, k_linear: nn.Linear, q_pos: torch.Tensor, k_pos: torch.Tensor,
+                  heads: int) -> torch.Tensor:
+    """Absolute position bias `(W_q p_i * s) . (W_k p_j)` per head: [..., H, Tq, Tk]."""
+    def split(t: torch.Tensor) -> torch.Tensor:
+        return t.unflatten(-1, (heads, -1)).transpose(-3, -2)
+
+    q, k = split(q_linear(q_pos)), split(k_linear(k_pos))
+    return (q * (q.size(-1) * 2) ** -0.5) @ k.transpose(-1, -2)
+
+
+def relative_bias(table: nn.Embedding, buckets: torch.Tensor) -> torch.Tensor:
+    """Look up a per-layer relative position table: [Tq, Tk] bucket ids -> [H, Tq, Tk]."""
+    return F.embedding(buckets, table.weight).permute(2, 0, 1)
+
+
+def masked(bias: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Put the most negative float where `mask` is True (finite, so a fully masked row stays finite)."""
+    return bias.masked_fill(mask, torch.finfo(bias.dtype).min)
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoder and decoder
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: OFAConfig, embed_tokens: nn.Embedding):
+        super().__init__()
+        d, n = cfg.d_model, cfg.encoder_layers
+        self.cfg = cfg
+        self.embed_tokens = embed_tokens
+        self.type_embedding = nn.Embedding(2, d)
+        self.layernorm_embedding = nn.LayerNorm(d)
+        self.embed_images = ResNet(cfg.resnet_layers, cfg.resnet_width, cfg.resnet_drop_path_rate)
+        self.image_proj = nn.Linear(self.embed_images.out_channels, d)
+        self.patch_layernorm_embedding = nn.LayerNorm(d)
+        self.embed_positions = nn.Embedding(cfg.max_positions + 2, d)
+        self.embed_image_positions = nn.Embedding(cfg.image_bucket_size**2 + 1, d)
+        self.pos_ln = nn.LayerNorm(d)
+        self.image_pos_ln = nn.LayerNorm(d)
+        self.pos_q_linear = nn.Linear(d, d)
+        self.pos_k_linear = nn.Linear(d, d)
+        rates = torch.linspace(0, cfg.encoder_drop_path_rate, n).tolist()
+        self.layers = nn.ModuleList(
+            EncoderLayer(cfg, cfg.encoder_heads, cfg.encoder_ffn_dim, rates[i]) for i in range(n)
+        )
+        self.layer_norm = nn.LayerNorm(d)
+        heads = cfg.encoder_heads
+        self.token_rel_pos_table_list = nn.ModuleList(
+            nn.Embedding(2 * cfg.token_bucket_size - 1, heads) for _ in range(n)
+        )
+        self.image_rel_pos_table_list = nn.ModuleList(
+            nn.Embedding((2 * cfg.image_bucket_size - 1) ** 2 + 3, heads) for _ in range(n)
+        )
+        self.register_buffer(
+            "token_rp_bucket", token_bucket_positions(cfg.token_bucket_size, cfg.max_positions), persistent=False
+        )
+        self.register_buffer("image_rp_bucket", image_bucket_positions(cfg.image_bucket_size), persistent=False)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        patch_images: torch.Tensor | None = None,
+        patch_masks: torch.Tensor | None = None,
+    ) -> EncoderOutput:
+        cfg, (B, L) = self.cfg, input_ids.shape
+        if L > cfg.max_positions:
+            raise ValueError(f"source has {L} tokens; this model takes at most {cfg.max_positions}")
+        types = self.type_embedding.weight
+        x = self.dropout(self.layernorm_embedding(self.embed_tokens(input_ids) + types[0]))
+        padding = input_ids.eq(PAD_ID)
+        pos = self.pos_ln(self.embed_positions.weight[:L]).expand(B, L, -1)
+        image_rel_ids = None
+        if patch_images is not None:
+            feats = self.embed_images(patch_images)
+            h, w = feats.shape[-2:]
+            if max(h, w) > cfg.image_bucket_size:
+                raise ValueError(
+                    f"image gives a {h}x{w} patch grid; at most {cfg.image_bucket_size} per side "
+                    f"({cfg.image_bucket_size * 16} px) fit the position table"
+                )
+            img = self.image_proj(feats.flatten(2).transpose(1, 2)) + types[1]
+            x = torch.cat([self.dropout(self.patch_layernorm_embedding(img)), x], dim=1)
+            image_rel_ids = image_position_ids(h, w, cfg.image_bucket_size).to(input_ids.device)
+            img_pos = self.image_pos_ln(self.embed_image_positions(image_rel_ids)).expand(B, -1, -1)
+            pos = torch.cat([img_pos, pos], dim=1)
+            img_pad = padding.new_zeros(B, h * w)
+            if patch_masks is not None:
+                img_pad = img_pad | ~patch_masks.bool()[:, None]
+            padding = torch.cat([img_pad, padding], dim=1)
+        has_pads = bool(padding.any())
+        if has_pads:
+            x = x * (~padding).unsqueeze(-1).type_as(x)
+        S, N = x.size(1), x.size(1) - L
+        abs_bias = position_bias(self.pos_q_linear, self.pos_k_linear, pos[:1], pos[:1], cfg.encoder_heads)
+        for i, layer in enumerate(self.layers):
+            rel = abs_bias.new_zeros(cfg.encoder_heads, S, S)
+            rel[:, N:, N:] = relative_bias(self.token_rel_pos_table_list[i], self.token_rp_bucket[:L, :L])
+            if image_rel_ids is not None:
+                buckets = self.image_rp_bucket[image_rel_ids][:, image_rel_ids]
+                rel[:, :N, :N] = relative_bias(self.image_rel_pos_table_list[i], buckets)
+            bias = abs_bias + rel
+            if has_pads:
+                bias = masked(bias, padding[:, None, None, :])
+            x = layer(x, bias)
+        return EncoderOutput(self.layer_norm(x), padding, pos)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: OFAConfig, embed_tokens: nn.Embedding):
+        super().__init__()
+        d, n = cfg.d_model, cfg.decoder_layers
+        self.cfg = cfg
+        self.embed_tokens = embed_tokens
+        self.layernorm_embedding = nn.LayerNorm(d)
+        self.code_layernorm_embedding = nn.LayerNorm(d)
+        self.embed_positions = nn.Embedding(cfg.max_positions + 2, d)
+        self.embed_image_positions = nn.Embedding(cfg.image_bucket_size**2 + 1, d)
+        self.pos_ln = nn.LayerNorm(d)
+        self.image_pos_ln = nn.LayerNorm(d)
+        self.self_pos_q_linear = nn.Linear(d, d)
+        self.self_pos_k_linear = nn.Linear(d, d)
+        self.cross_pos_q_linear = nn.Linear(d, d)
+        self.cross_pos_k_linear = nn.Linear(d, d)
+        rates = torch.linspace(0, cfg.decoder_drop_path_rate, n).tolist()
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, cfg.decoder_heads, cfg.decoder_ffn_dim, rates[i]) for i in range(n)
+        )
+        self.layer_norm = nn.LayerNorm(d)
+        heads = cfg.decoder_heads
+        self.token_rel_pos_table_list = nn.ModuleList(
+            nn.Embedding(2 * cfg.token_bucket_size - 1, heads) for _ in range(n)
+        )
+        self.image_rel_pos_table_list = nn.ModuleList(
+            nn.Embedding((2 * cfg.image_bucket_size - 1) ** 2 + 3, heads) for _ in range(n)
+        )
+        self.register_buffer(
+            "token_rp_bucket", token_bucket_positions(cfg.token_bucket_size, cfg.max_positions), persistent=False
+        )
+        self.register_buffer("image_rp_bucket", image_bucket_positions(cfg.image_bucket_size), persistent=False)
+        self.register_buffer(
+            "image_position_idx", decoder_code_positions(cfg.code_grid_size, cfg.image_bucket_size), persistent=False
+        )
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def position_biases(
+        self, image: bool, past: int, total: int, enc: EncoderOutput
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Self- and cross-attention absolute biases for steps past..total-1 (text or code positions)."""
+        if image:
+            if total > self.image_position_idx.numel():
+                raise ValueError(f"code output of {total} steps exceeds the code position table")
+            tgt = self.image_pos_ln(self.embed_image_positions(self.image_position_idx[:total]))
+        else:
+            tgt = self.pos_ln(self.embed_positions.weight[:total])
+        heads = self.cfg.decoder_heads
+        self_bias = position_bias(self.self_pos_q_linear, self.self_pos_k_linear, tgt[past:], tgt, heads)
+        cross_bias = position_bias(self.cross_pos_q_linear, self.cross_pos_k_linear, tgt[past:], enc.pos_embed, heads)
+        return self_bias.unsqueeze(0), cross_bias
+
+    def forward(
+        self, tokens: torch.Tensor, enc: EncoderOutput, cache: KVCache | None, use_cache: bool
+    ) -> tuple[torch.Tensor, KVCache | None]:
+        cfg, (B, T) = self.cfg, tokens.shape
+        past = cache.length if cache is not None else 0
+        total = past + T
+        if total > cfg.max_positions:
+            raise ValueError(f"decoder reached {total} positions; this model takes at most {cfg.max_positions}")
+        code = enc.code_mask
+        any_code = code is not None and bool(code.any())
+        all_code = any_code and bool(code.all())
+
+        x = self.embed_tokens(tokens)
+        if all_code:
+            x = self.code_layernorm_embedding(x)
+        elif any_code:
+            x = torch.where(code[:, None, None], self.code_layernorm_embedding(x), self.layernorm_embedding(x))
+        else:
+            x = self.layernorm_embedding(x)
+        x = self.dropout(x)
+
+        self_abs, cross_abs = self.position_biases(all_code, past, total, enc)
+        if any_code and not all_code:
+            img_self, img_cross = self.position_biases(True, past, total, enc)
+            sel = code[:, None, None, None]
+            self_abs, cross_abs = torch.where(sel, img_self, self_abs), torch.where(sel, img_cross, cross_abs)
+        cross_bias = masked(cross_abs, enc.padding_mask[:, None, None, :]) if enc.padding_mask.any() else cross_abs
+        causal = None
+        if T > 1:
+            causal = torch.ones(T, total, dtype=torch.bool, device=tokens.device).triu(past + 1)
+        text_buckets = self.token_rp_bucket[past:total, :total]
+        code_ids = self.image_position_idx[:total] if any_code else None
+
+        new_cache = KVCache([], [], total) if use_cache else None
+        for i, layer in enumerate(self.layers):
+            rel = None
+            if not all_code:
+                rel = relative_bias(self.token_rel_pos_table_list[i], text_buckets)
+            if any_code:
+                img_rel = relative_bias(self.image_rel_pos_table_list[i], self.image_rp_bucket[code_ids[past:]][:, code_ids])
+                rel = img_rel if rel is None else torch.where(code[:, None, None, None], img_rel, rel)
+            self_bias = self_abs + rel
+            if causal is not None:
+                self_bias = masked(self_bias, causal)
+            if self_bias.size(0) != B:
+                self_bias = self_bias.expand(B, -1, -1, -1)
+            past_kv = cache.self_kv[i] if cache is not None else None
+            cross_kv = cache.cross_kv[i] if cache is not None else layer.cross_attn.project_kv(enc.hidden)
+            x, self_kv = layer(x, self_bias, past_kv, cross_bias, cross_kv)
+            if new_cache is not None:
+                new_cache.self_kv.append(self_kv)
+                new_cache.cross_kv.append(cross_kv)
+        logits = F.linear(self.layer_norm(x), self.embed_tokens.weight)
+        return logits, new_cache
+
+
+class OFAModel(nn.Module):
+    """Encoder-decoder over the joint vocabulary; one embedding matrix for input and output."""
+
+    def __init__(self, config: OFAConfig):
+        super().__init__()
+        self.config = config
+        embed_tokens = nn.Embedding(config.vocab_size, config.d_model, padding_idx=PAD_ID)
+        self.encoder = Encoder(config, embed_tokens)
+        self.decoder = Decoder(config, embed_tokens)
+        self.apply(self._init_weights)
+        for table in [*self.encoder.token_rel_pos_table_list, *self.encoder.image_rel_pos_table_list,
+                      *self.decoder.token_rel_pos_table_list, *self.decoder.image_rel_pos_table_list]:
+            nn.init.zeros_(table.weight)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+            if m.padding_idx is not None:
+                nn.init.zeros_(m.weight[m.padding_idx])
+
+    def encode(
+        self,
+        input_ids: torch.Tensor,
+        patch_images: torch.Tensor | None = None,
+        patch_masks: torch.Tensor | None = None,
+        code_mask: torch.Tensor | None = None,
+    ) -> EncoderOutput:
+        enc = self.encoder(input_ids, patch_images, patch_masks)
+        enc.code_mask = code_mask
+        return enc
+
+    def decode(
+        self, tokens: torch.Tensor, enc: EncoderOutput, cache: KVCache | None = None, use_cache: bool = True
+    ) -> tuple[torch.Tensor, KVCache | None]:
+        """Logits for `tokens`, which continue after `cache.length` positions (from 0 without a cache)."""
+        return self.decoder(tokens, enc, cache, use_cache)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        decoder_input_ids: torch.Tensor,
+        patch_images: torch.Tensor | None = None,
+        patch_masks: torch.Tensor | None = None,
+        code_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, EncoderOutput]:
+        enc = self.encode(input_ids, patch_images, patch_masks, code_mask)
+        logits, _ = self.decode(decoder_input_ids, enc, use_cache=False)
+        return logits, enc
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# Named sizes
+
+
+def list_models() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+
+
+def model_config(name: str, **overrides) -> OFAConfig:
+    path = CONFIG_DIR / f"{name}.json"
+    if not path.exists():
+        raise ValueError(f"unknown model size {name!r}; known: {', '.join(list_models())}")
+    return OFAConfig.from_dict({**json.loads(path.read_text()), **overrides})
+
+
+def build_model(name_or_config: str | OFAConfig | dict, **overrides) -> OFAModel:
+    """Make a randomly initialised model from a size name, a config, or a config dict."""
+    if isinstance(name_or_config, str):
+        cfg = model_config(name_or_config, **overrides)
+    elif isinstance(name_or_config, dict):
+        cfg = OFAConfig.from_dict({**name_or_config, **overrides})
+    else:
+        cfg = replace(name_or_config, **overrides)
+    return OFAModel(cfg)
