@@ -67,7 +67,9 @@ def save_checkpoint(model: OFAModel, vocab: Vocab, directory: str | Path, extra:
     """Write weights, config and tokenizer into `directory`, replacing it only once all is written."""
     directory = Path(directory)
     if len(vocab) != model.config.vocab_size:
-        raise CheckpointError(f"vocabulary has {len(vocab)} ids but the model's vocab_size is {model.config.vocab_size}")
+        raise CheckpointError(
+            f"vocabulary has {len(vocab)} ids but the model's vocab_size is {model.config.vocab_size}"
+        )
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
@@ -105,7 +107,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
     if path.is_dir():
         cfg_file = path / CONFIG
         if not cfg_file.exists():
-            raise CheckpointError(f"{path} has no {CONFIG}; expected a project or HF-port OFA checkpoint directory")
+            raise CheckpointError(
+                f"{path} has no {CONFIG}; expected a project or HF-port OFA checkpoint directory"
+            )
         try:
             raw = json.loads(cfg_file.read_text())
         except json.JSONDecodeError as e:
@@ -147,8 +151,10 @@ def load_state(model: OFAModel, state: dict[str, torch.Tensor], source: str) -> 
         if key in state:
             tied = state.pop(key)
             if embed is not None and not torch.equal(tied, embed):
-                raise CheckpointError(f"{source}: {key} differs from encoder.embed_tokens.weight; "
-                                      "this model ties input and output embeddings")
+                raise CheckpointError(
+                    f"{source}: {key} differs from encoder.embed_tokens.weight; "
+                    "this model ties input and output embeddings"
+                )
     if embed is not None:
         state["decoder.embed_tokens.weight"] = embed
     for key in [k for k in state if k.rsplit(".", 1)[-1] in DERIVED]:
@@ -156,26 +162,33 @@ def load_state(model: OFAModel, state: dict[str, torch.Tensor], source: str) -> 
         if key in own or key.endswith("rp_bucket"):
             expected = dict(model.named_buffers(remove_duplicate=False))[key]
             if given.shape != expected.shape or not torch.equal(given.to(expected.dtype), expected):
-                raise CheckpointError(f"{source}: derived table {key} {tuple(given.shape)} does not match the one "
-                                      f"this config gives {tuple(expected.shape)}; check the config's bucket sizes")
+                raise CheckpointError(
+                    f"{source}: derived table {key} {tuple(given.shape)} does not match the one "
+                    f"this config gives {tuple(expected.shape)}; check the config's bucket sizes"
+                )
     for key in [k for k in own if k.endswith("num_batches_tracked") and k not in state]:
         state[key] = own[key]
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
-        raise CheckpointError(f"{source}: missing tensors {missing[:20]}{' ...' if len(missing) > 20 else ''}; "
-                              f"unexpected tensors {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}")
+        raise CheckpointError(
+            f"{source}: missing tensors {missing[:20]}{' ...' if len(missing) > 20 else ''}; "
+            f"unexpected tensors {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}"
+        )
     for key, tensor in state.items():
         if tensor.shape != own[key].shape:
-            raise CheckpointError(f"{source}: tensor {key} has shape {tuple(tensor.shape)} in the file but "
-                                  f"{tuple(own[key].shape)} in the model")
+            raise CheckpointError(
+                f"{source}: tensor {key} has shape {tuple(tensor.shape)} in the file but "
+                f"{tuple(own[key].shape)} in the model"
+            )
     model.load_state_dict(state, strict=True)
 
 
 def config_from_state(state: dict[str, torch.Tensor], **fixed) -> OFAConfig:
     """Read the architecture off the tensor shapes (fairseq files carry no reliable HF config)."""
+
     def count(prefix: str) -> int:
-        return len({k[len(prefix):].split(".", 1)[0] for k in state if k.startswith(prefix)})
+        return len({k[len(prefix) :].split(".", 1)[0] for k in state if k.startswith(prefix)})
 
     try:
         vocab, d = state["encoder.embed_tokens.weight"].shape
@@ -201,15 +214,25 @@ def config_from_state(state: dict[str, torch.Tensor], **fixed) -> OFAConfig:
 
 
 def _hf_to_config(raw: dict, where: Path) -> OFAConfig:
-    required = {"normformer": True, "encoder_normalize_before": True, "decoder_normalize_before": True,
-                "add_type_embedding": True, "share_decoder_input_output_embed": True,
-                "entangle_position_embedding": False, "scale_embedding": False}
+    required = {
+        "normformer": True,
+        "encoder_normalize_before": True,
+        "decoder_normalize_before": True,
+        "add_type_embedding": True,
+        "share_decoder_input_output_embed": True,
+        "entangle_position_embedding": False,
+        "scale_embedding": False,
+    }
     for key, value in required.items():
         if raw.get(key, value) != value:
-            raise CheckpointError(f"{where}: {key}={raw[key]} is not supported (released OFA models use {value})")
+            raise CheckpointError(
+                f"{where}: {key}={raw[key]} is not supported (released OFA models use {value})"
+            )
     resnet = raw.get("resnet_type", "resnet101")
     if resnet not in RESNET_LAYERS:
-        raise CheckpointError(f"{where}: resnet_type {resnet!r} not supported; known: {sorted(RESNET_LAYERS)}")
+        raise CheckpointError(
+            f"{where}: resnet_type {resnet!r} not supported; known: {sorted(RESNET_LAYERS)}"
+        )
     return OFAConfig(
         vocab_size=raw["vocab_size"],
         d_model=raw["d_model"],
@@ -237,11 +260,15 @@ def _hf_to_config(raw: dict, where: Path) -> OFAConfig:
 
 def official_vocab(directory: Path | None, vocab_size: int) -> Vocab:
     """GPT-2 BPE vocabulary from `vocab.json` + `merges.txt`, or a text-less layout when they are absent."""
-    num_codes, num_bins = (OFA_NUM_CODES, OFA_NUM_BINS) if vocab_size > OFA_NUM_CODES + OFA_NUM_BINS else (0, 0)
+    num_codes, num_bins = (
+        (OFA_NUM_CODES, OFA_NUM_BINS) if vocab_size > OFA_NUM_CODES + OFA_NUM_BINS else (0, 0)
+    )
     if directory is not None and (directory / "vocab.json").exists() and (directory / "merges.txt").exists():
         vocab = Vocab.from_gpt2_bpe(directory / "vocab.json", directory / "merges.txt", num_codes, num_bins)
         if len(vocab) != vocab_size:
-            raise CheckpointError(f"{directory}: tokenizer gives {len(vocab)} ids, the weights have {vocab_size}")
+            raise CheckpointError(
+                f"{directory}: tokenizer gives {len(vocab)} ids, the weights have {vocab_size}"
+            )
         return vocab
     return Vocab.without_text(vocab_size - num_codes - num_bins - 1, num_codes, num_bins)
 
@@ -283,11 +310,17 @@ def _load_fairseq(path: Path) -> Loaded:
     ckpt = safe_torch_load(path)
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise CheckpointError(f"{path}: not a fairseq checkpoint (no 'model' entry)")
-    state = {fairseq_to_hf(k): v for k, v in ckpt["model"].items()
-             if k not in FAIRSEQ_DROP and not k.startswith("classification_heads.")}
+    state = {
+        fairseq_to_hf(k): v
+        for k, v in ckpt["model"].items()
+        if k not in FAIRSEQ_DROP and not k.startswith("classification_heads.")
+    }
     cfg = ckpt.get("cfg") or {}
     args = ckpt.get("args") or {}
-    model_cfg = {**(args if isinstance(args, dict) else {}), **(cfg.get("model") or {} if isinstance(cfg, dict) else {})}
+    model_cfg = {
+        **(args if isinstance(args, dict) else {}),
+        **(cfg.get("model") or {} if isinstance(cfg, dict) else {}),
+    }
     task_cfg = (cfg.get("task") or {}) if isinstance(cfg, dict) else {}
     fixed = {}
     size = task_cfg.get("patch_image_size") or model_cfg.get("patch_image_size")
@@ -331,9 +364,21 @@ ALLOWED = {
     ("torch", "Size"): torch.Size,
     ("torch", "device"): torch.device,
 }
-SAFE_BUILTINS = {"set": set, "frozenset": frozenset, "slice": slice, "dict": dict, "list": list, "tuple": tuple,
-                 "int": int, "float": float, "str": str, "bool": bool, "bytes": bytes, "object": object,
-                 "complex": complex}
+SAFE_BUILTINS = {
+    "set": set,
+    "frozenset": frozenset,
+    "slice": slice,
+    "dict": dict,
+    "list": list,
+    "tuple": tuple,
+    "int": int,
+    "float": float,
+    "str": str,
+    "bool": bool,
+    "bytes": bytes,
+    "object": object,
+    "complex": complex,
+}
 
 
 def _reconstruct(cls, base, state):
@@ -418,25 +463,49 @@ def safe_torch_load(path: Path) -> dict:
 def hf_config(config: OFAConfig) -> dict:
     resnet = next((n for n, layers in RESNET_LAYERS.items() if layers == tuple(config.resnet_layers)), None)
     if resnet is None or config.resnet_width != 64:
-        raise CheckpointError(f"the HF port only knows ResNet-50/101/152 stems of width 64; this model has "
-                              f"stages {config.resnet_layers} of width {config.resnet_width}")
+        raise CheckpointError(
+            f"the HF port only knows ResNet-50/101/152 stems of width 64; this model has "
+            f"stages {config.resnet_layers} of width {config.resnet_width}"
+        )
     return {
-        "model_type": "ofa", "architectures": ["OFAModel"], "vocab_size": config.vocab_size,
-        "d_model": config.d_model, "encoder_layers": config.encoder_layers, "decoder_layers": config.decoder_layers,
-        "encoder_attention_heads": config.encoder_heads, "decoder_attention_heads": config.decoder_heads,
-        "encoder_ffn_dim": config.encoder_ffn_dim, "decoder_ffn_dim": config.decoder_ffn_dim,
-        "resnet_type": resnet, "max_position_embeddings": config.max_positions,
-        "token_bucket_size": config.token_bucket_size, "image_bucket_size": config.image_bucket_size,
-        "code_image_size": config.code_grid_size * 8, "dropout": config.dropout,
-        "attention_dropout": config.attention_dropout, "activation_dropout": config.activation_dropout,
+        "model_type": "ofa",
+        "architectures": ["OFAModel"],
+        "vocab_size": config.vocab_size,
+        "d_model": config.d_model,
+        "encoder_layers": config.encoder_layers,
+        "decoder_layers": config.decoder_layers,
+        "encoder_attention_heads": config.encoder_heads,
+        "decoder_attention_heads": config.decoder_heads,
+        "encoder_ffn_dim": config.encoder_ffn_dim,
+        "decoder_ffn_dim": config.decoder_ffn_dim,
+        "resnet_type": resnet,
+        "max_position_embeddings": config.max_positions,
+        "token_bucket_size": config.token_bucket_size,
+        "image_bucket_size": config.image_bucket_size,
+        "code_image_size": config.code_grid_size * 8,
+        "dropout": config.dropout,
+        "attention_dropout": config.attention_dropout,
+        "activation_dropout": config.activation_dropout,
         "encoder_drop_path_rate": config.encoder_drop_path_rate,
         "decoder_drop_path_rate": config.decoder_drop_path_rate,
-        "resnet_drop_path_rate": config.resnet_drop_path_rate, "normformer": True, "attn_scale_factor": 2.0,
-        "encoder_normalize_before": True, "decoder_normalize_before": True, "layernorm_embedding": True,
-        "patch_layernorm_embedding": True, "code_layernorm_embedding": True, "add_type_embedding": True,
-        "share_decoder_input_output_embed": True, "entangle_position_embedding": False, "scale_embedding": False,
-        "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2, "decoder_start_token_id": 0,
-        "patch_image_size": config.patch_image_size, "prompt_type": config.prompt_type,
+        "resnet_drop_path_rate": config.resnet_drop_path_rate,
+        "normformer": True,
+        "attn_scale_factor": 2.0,
+        "encoder_normalize_before": True,
+        "decoder_normalize_before": True,
+        "layernorm_embedding": True,
+        "patch_layernorm_embedding": True,
+        "code_layernorm_embedding": True,
+        "add_type_embedding": True,
+        "share_decoder_input_output_embed": True,
+        "entangle_position_embedding": False,
+        "scale_embedding": False,
+        "pad_token_id": 1,
+        "bos_token_id": 0,
+        "eos_token_id": 2,
+        "decoder_start_token_id": 0,
+        "patch_image_size": config.patch_image_size,
+        "prompt_type": config.prompt_type,
     }
 
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ofa_unified.resnet import RESNET_LAYERS, ResNet, drop_path
+from ofa_unified.resnet import RESNET_LAYERS, ResNet, drop_path, linspace
 
 PAD_ID = 1
 CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -98,7 +98,8 @@ class OFAConfig:
 @lru_cache(maxsize=4)
 def token_bucket_positions(bucket_size: int, max_position: int) -> torch.Tensor:
     """[max_position, max_position] bucket ids: exact within +-bucket/2, log-spaced beyond."""
-    rel = torch.arange(max_position)[:, None] - torch.arange(max_position)[None, :]
+    pos = torch.arange(max_position, device="cpu")
+    rel = pos[:, None] - pos[None, :]
     sign = torch.sign(rel)
     mid = bucket_size // 2
     abs_pos = torch.where((rel < mid) & (rel > -mid), mid - 1, rel.abs())
@@ -111,10 +112,11 @@ def token_bucket_positions(bucket_size: int, max_position: int) -> torch.Tensor:
 def image_bucket_positions(bucket_size: int) -> torch.Tensor:
     """[n*n+1, n*n+1] ids of 2D offsets between grid cells; row/col 0 is a special (cls) slot."""
     num_rel = (2 * bucket_size - 1) ** 2 + 3
-    coords = torch.stack(torch.meshgrid(torch.arange(bucket_size), torch.arange(bucket_size), indexing="ij"))
+    axis = torch.arange(bucket_size, device="cpu")
+    coords = torch.stack(torch.meshgrid(axis, axis, indexing="ij"))
     coords = coords.flatten(1)
     rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + bucket_size - 1
-    index = torch.zeros((bucket_size * bucket_size + 1,) * 2, dtype=torch.long)
+    index = torch.zeros((bucket_size * bucket_size + 1,) * 2, dtype=torch.long, device="cpu")
     index[1:, 1:] = rel[:, :, 0] * (2 * bucket_size - 1) + rel[:, :, 1]
     index[0, :] = num_rel - 3
     index[:, 0] = num_rel - 2
@@ -146,7 +148,9 @@ class EncoderOutput:
 
     def index_select(self, idx: torch.Tensor) -> EncoderOutput:
         pick = lambda t: None if t is None else t.index_select(0, idx)
-        return EncoderOutput(pick(self.hidden), pick(self.padding_mask), pick(self.pos_embed), pick(self.code_mask))
+        return EncoderOutput(
+            pick(self.hidden), pick(self.padding_mask), pick(self.pos_embed), pick(self.code_mask)
+        )
 
     def repeat_interleave(self, n: int) -> EncoderOutput:
         idx = torch.arange(self.hidden.size(0), device=self.hidden.device).repeat_interleave(n)
@@ -230,7 +234,9 @@ class EncoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         h = self.self_attn_layer_norm(x)
-        x = self.residual(x, self.self_attn_mid_layer_norm(self.self_attn(h, bias, self.self_attn.project_kv(h))))
+        x = self.residual(
+            x, self.self_attn_mid_layer_norm(self.self_attn(h, bias, self.self_attn.project_kv(h)))
+        )
         return self.feed_forward(x)
 
 
@@ -261,9 +267,11 @@ class DecoderLayer(EncoderLayer):
         return self.feed_forward(x), (k, v)
 
 
-def position_bias(q_linear: nn.Linear, k_linear: nn.Linear, q_pos: torch.Tensor, k_pos: torch.Tensor,
-                  heads: int) -> torch.Tensor:
+def position_bias(
+    q_linear: nn.Linear, k_linear: nn.Linear, q_pos: torch.Tensor, k_pos: torch.Tensor, heads: int
+) -> torch.Tensor:
     """Absolute position bias `(W_q p_i * s) . (W_k p_j)` per head: [..., H, Tq, Tk]."""
+
     def split(t: torch.Tensor) -> torch.Tensor:
         return t.unflatten(-1, (heads, -1)).transpose(-3, -2)
 
@@ -302,7 +310,7 @@ class Encoder(nn.Module):
         self.image_pos_ln = nn.LayerNorm(d)
         self.pos_q_linear = nn.Linear(d, d)
         self.pos_k_linear = nn.Linear(d, d)
-        rates = torch.linspace(0, cfg.encoder_drop_path_rate, n).tolist()
+        rates = linspace(cfg.encoder_drop_path_rate, n)
         self.layers = nn.ModuleList(
             EncoderLayer(cfg, cfg.encoder_heads, cfg.encoder_ffn_dim, rates[i]) for i in range(n)
         )
@@ -315,9 +323,13 @@ class Encoder(nn.Module):
             nn.Embedding((2 * cfg.image_bucket_size - 1) ** 2 + 3, heads) for _ in range(n)
         )
         self.register_buffer(
-            "token_rp_bucket", token_bucket_positions(cfg.token_bucket_size, cfg.max_positions), persistent=False
+            "token_rp_bucket",
+            token_bucket_positions(cfg.token_bucket_size, cfg.max_positions),
+            persistent=False,
         )
-        self.register_buffer("image_rp_bucket", image_bucket_positions(cfg.image_bucket_size), persistent=False)
+        self.register_buffer(
+            "image_rp_bucket", image_bucket_positions(cfg.image_bucket_size), persistent=False
+        )
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(
@@ -327,7 +339,7 @@ class Encoder(nn.Module):
         patch_masks: torch.Tensor | None = None,
     ) -> EncoderOutput:
         cfg, (B, L) = self.cfg, input_ids.shape
-        if L > cfg.max_positions:
+        if cfg.max_positions < L:
             raise ValueError(f"source has {L} tokens; this model takes at most {cfg.max_positions}")
         types = self.type_embedding.weight
         x = self.dropout(self.layernorm_embedding(self.embed_tokens(input_ids) + types[0]))
@@ -385,7 +397,7 @@ class Decoder(nn.Module):
         self.self_pos_k_linear = nn.Linear(d, d)
         self.cross_pos_q_linear = nn.Linear(d, d)
         self.cross_pos_k_linear = nn.Linear(d, d)
-        rates = torch.linspace(0, cfg.decoder_drop_path_rate, n).tolist()
+        rates = linspace(cfg.decoder_drop_path_rate, n)
         self.layers = nn.ModuleList(
             DecoderLayer(cfg, cfg.decoder_heads, cfg.decoder_ffn_dim, rates[i]) for i in range(n)
         )
@@ -398,11 +410,17 @@ class Decoder(nn.Module):
             nn.Embedding((2 * cfg.image_bucket_size - 1) ** 2 + 3, heads) for _ in range(n)
         )
         self.register_buffer(
-            "token_rp_bucket", token_bucket_positions(cfg.token_bucket_size, cfg.max_positions), persistent=False
+            "token_rp_bucket",
+            token_bucket_positions(cfg.token_bucket_size, cfg.max_positions),
+            persistent=False,
         )
-        self.register_buffer("image_rp_bucket", image_bucket_positions(cfg.image_bucket_size), persistent=False)
         self.register_buffer(
-            "image_position_idx", decoder_code_positions(cfg.code_grid_size, cfg.image_bucket_size), persistent=False
+            "image_rp_bucket", image_bucket_positions(cfg.image_bucket_size), persistent=False
+        )
+        self.register_buffer(
+            "image_position_idx",
+            decoder_code_positions(cfg.code_grid_size, cfg.image_bucket_size),
+            persistent=False,
         )
         self.dropout = nn.Dropout(cfg.dropout)
 
@@ -418,7 +436,9 @@ class Decoder(nn.Module):
             tgt = self.pos_ln(self.embed_positions.weight[:total])
         heads = self.cfg.decoder_heads
         self_bias = position_bias(self.self_pos_q_linear, self.self_pos_k_linear, tgt[past:], tgt, heads)
-        cross_bias = position_bias(self.cross_pos_q_linear, self.cross_pos_k_linear, tgt[past:], enc.pos_embed, heads)
+        cross_bias = position_bias(
+            self.cross_pos_q_linear, self.cross_pos_k_linear, tgt[past:], enc.pos_embed, heads
+        )
         return self_bias.unsqueeze(0), cross_bias
 
     def forward(
@@ -428,7 +448,9 @@ class Decoder(nn.Module):
         past = cache.length if cache is not None else 0
         total = past + T
         if total > cfg.max_positions:
-            raise ValueError(f"decoder reached {total} positions; this model takes at most {cfg.max_positions}")
+            raise ValueError(
+                f"decoder reached {total} positions; this model takes at most {cfg.max_positions}"
+            )
         code = enc.code_mask
         any_code = code is not None and bool(code.any())
         all_code = any_code and bool(code.all())
@@ -437,7 +459,9 @@ class Decoder(nn.Module):
         if all_code:
             x = self.code_layernorm_embedding(x)
         elif any_code:
-            x = torch.where(code[:, None, None], self.code_layernorm_embedding(x), self.layernorm_embedding(x))
+            x = torch.where(
+                code[:, None, None], self.code_layernorm_embedding(x), self.layernorm_embedding(x)
+            )
         else:
             x = self.layernorm_embedding(x)
         x = self.dropout(x)
@@ -447,7 +471,9 @@ class Decoder(nn.Module):
             img_self, img_cross = self.position_biases(True, past, total, enc)
             sel = code[:, None, None, None]
             self_abs, cross_abs = torch.where(sel, img_self, self_abs), torch.where(sel, img_cross, cross_abs)
-        cross_bias = masked(cross_abs, enc.padding_mask[:, None, None, :]) if enc.padding_mask.any() else cross_abs
+        cross_bias = (
+            masked(cross_abs, enc.padding_mask[:, None, None, :]) if enc.padding_mask.any() else cross_abs
+        )
         causal = None
         if T > 1:
             causal = torch.ones(T, total, dtype=torch.bool, device=tokens.device).triu(past + 1)
@@ -460,7 +486,9 @@ class Decoder(nn.Module):
             if not all_code:
                 rel = relative_bias(self.token_rel_pos_table_list[i], text_buckets)
             if any_code:
-                img_rel = relative_bias(self.image_rel_pos_table_list[i], self.image_rp_bucket[code_ids[past:]][:, code_ids])
+                img_rel = relative_bias(
+                    self.image_rel_pos_table_list[i], self.image_rp_bucket[code_ids[past:]][:, code_ids]
+                )
                 rel = img_rel if rel is None else torch.where(code[:, None, None, None], img_rel, rel)
             self_bias = self_abs + rel
             if causal is not None:
@@ -487,8 +515,12 @@ class OFAModel(nn.Module):
         self.encoder = Encoder(config, embed_tokens)
         self.decoder = Decoder(config, embed_tokens)
         self.apply(self._init_weights)
-        for table in [*self.encoder.token_rel_pos_table_list, *self.encoder.image_rel_pos_table_list,
-                      *self.decoder.token_rel_pos_table_list, *self.decoder.image_rel_pos_table_list]:
+        for table in [
+            *self.encoder.token_rel_pos_table_list,
+            *self.encoder.image_rel_pos_table_list,
+            *self.decoder.token_rel_pos_table_list,
+            *self.decoder.image_rel_pos_table_list,
+        ]:
             nn.init.zeros_(table.weight)
 
     @staticmethod

@@ -14,6 +14,11 @@ from torch import nn
 RESNET_LAYERS = {"resnet50": (3, 4, 6), "resnet101": (3, 4, 23), "resnet152": (3, 8, 36)}
 
 
+def linspace(end: float, n: int) -> list[float]:
+    """Per-block stochastic-depth rates 0..end (plain Python, so models can be built on the meta device)."""
+    return [end * i / max(n - 1, 1) for i in range(n)]
+
+
 def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """Stochastic depth: drop the whole residual branch per sample."""
     if p == 0.0 or not training:
@@ -64,7 +69,7 @@ class ResNet(nn.Module):
         stages = []
         for i, blocks in enumerate(layers):
             planes = width * 2**i
-            rates = torch.linspace(0, drop_path_rate, blocks).tolist()
+            rates = linspace(drop_path_rate, blocks)
             stage = [Bottleneck(inplanes, planes, stride=1 if i == 0 else 2)]
             inplanes = planes * Bottleneck.expansion
             stage += [Bottleneck(inplanes, planes, drop_path_rate=rates[j]) for j in range(1, blocks)]

@@ -38,8 +38,9 @@ def check_parity(model, reference_dir: Path) -> None:
     inputs = load_file(str(reference_dir / "inputs.safetensors"))
     expected = load_file(str(reference_dir / "outputs.safetensors"))
     with torch.no_grad():
-        logits, enc = model(inputs["input_ids"], inputs["decoder_input_ids"], inputs["patch_images"],
-                            inputs["patch_masks"])
+        logits, enc = model(
+            inputs["input_ids"], inputs["decoder_input_ids"], inputs["patch_images"], inputs["patch_masks"]
+        )
     torch.testing.assert_close(enc.hidden, expected["encoder_out"], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(logits, expected["logits"], atol=1e-4, rtol=1e-4)
 
@@ -162,8 +163,11 @@ def test_missing_and_unexpected_tensors_are_listed(tmp_path):
     del state["decoder.layer_norm.weight"]
     state["decoder.extra_head.weight"] = torch.zeros(2)
     save_file(state, str(out / "model.safetensors"))
-    with pytest.raises(CheckpointError, match=r"missing tensors \['decoder\.layer_norm\.weight'\].*"
-                                              r"unexpected tensors \['decoder\.extra_head\.weight'\]"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"missing tensors \['decoder\.layer_norm\.weight'\].*"
+        r"unexpected tensors \['decoder\.extra_head\.weight'\]",
+    ):
         load_checkpoint(out)
 
 

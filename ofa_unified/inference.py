@@ -1,0 +1,236 @@
+"""Inference: requests (image + task fields, or a free instruction) in, structured results out.
+
+The predict CLI, `train/evaluate.py` and the server all go through `Predictor.predict`, so a
+task is built, constrained and parsed the same way everywhere. Requests that share decoding
+settings run as one batched `generate` over one encoder pass.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from ofa_unified.checkpoint import load_checkpoint
+from ofa_unified.data.preprocess import ImageTransform
+from ofa_unified.generate import GenerationConfig, Hypothesis, generate, score_candidates
+from ofa_unified.model import PAD_ID, OFAModel
+from ofa_unified.tasks import (
+    ParseError,
+    Task,
+    answer_trie,
+    encode_answer,
+    get_task,
+    instruction_source,
+    parse_free,
+)
+from ofa_unified.vocab import Vocab
+
+VQ_DIR = "vq"  # a VQ tokenizer bundled inside the checkpoint directory enables image outputs
+FREE_DEFAULTS = {"beam_size": 5, "max_new_tokens": 32, "no_repeat_ngram_size": 3}
+
+
+@dataclass
+class Request:
+    image: Image.Image | None
+    task: str | None = None
+    fields: dict[str, Any] = field(default_factory=dict)
+    instruction: str | None = None
+    candidates: list[str] | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Prepared:
+    request: Request
+    task: Task | None
+    record: dict
+    size: tuple[int, int]
+    source_ids: list[int]
+    image: torch.Tensor
+    has_image: bool
+    code_output: bool
+    config: GenerationConfig
+    constraint: Any
+    candidates: list[str] | None
+
+
+class Predictor:
+    """A loaded model with its vocabulary, image transform and (optionally) VQ tokenizer."""
+
+    def __init__(
+        self,
+        model: OFAModel,
+        vocab: Vocab,
+        device: str | torch.device = "cpu",
+        vq=None,
+        image_size: int | None = None,
+        max_source_tokens: int | None = None,
+    ):
+        self.model = model.to(device).eval()
+        self.vocab = vocab
+        self.device = torch.device(device)
+        self.vq = vq.to(device).eval() if vq is not None else None
+        self.image_size = image_size or model.config.patch_image_size
+        self.transform = ImageTransform(self.image_size)
+        self.max_source_tokens = max_source_tokens or model.config.max_positions
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu", **kwargs) -> Predictor:
+        loaded = load_checkpoint(path, device=device)
+        vq = None
+        vq_dir = Path(path) / VQ_DIR
+        if vq_dir.is_dir():
+            from ofa_unified.vq import VQTokenizer
+
+            vq = VQTokenizer.load(vq_dir, map_location=device)
+        return cls(loaded.model, loaded.vocab, device=device, vq=vq, **kwargs)
+
+    # -- request preparation -------------------------------------------------------------------
+
+    def _prepare(self, req: Request) -> _Prepared:
+        if (req.task is None) == (req.instruction is None):
+            raise ValueError("give either a task or an instruction (exactly one)")
+        task = get_task(req.task) if req.task is not None else None
+        record = {**req.fields, "task": req.task} if task else {}
+        code_output = task is not None and task.output == "codes"
+        if code_output and self.vq is None:
+            raise ValueError(
+                f"task {task.name} writes image codes; this checkpoint has no VQ tokenizer ('{VQ_DIR}/')"
+            )
+        needs_image = not (task is not None and task.name == "text_to_image")
+        if needs_image and req.image is None:
+            raise ValueError(f"{req.task or 'an instruction'} needs an image")
+        if req.image is not None and needs_image:
+            size = req.image.size
+            image, _ = self.transform(req.image)
+            if task is not None and task.name == "image_infilling":
+                from ofa_unified.vq import mask_middle
+
+                image = mask_middle(image)
+        else:
+            size = (self.image_size, self.image_size)
+            image = torch.zeros(3, self.image_size, self.image_size)
+        source = task.source(record, size, self.vocab) if task else instruction_source(req.instruction)
+        ids = self.vocab.encode(source)
+        if len(ids) > self.max_source_tokens:
+            raise ValueError(f"the instruction is {len(ids)} tokens; the limit is {self.max_source_tokens}")
+        if req.candidates is not None:
+            constraint = answer_trie(self.vocab, req.candidates)
+        else:
+            constraint = task.constraint(self.vocab, record) if task else None
+        defaults = task.generation_kwargs(record) if task else dict(FREE_DEFAULTS)
+        config = GenerationConfig(**{**defaults, **req.options})
+        return _Prepared(
+            req,
+            task,
+            record,
+            size,
+            ids,
+            image,
+            needs_image and req.image is not None,
+            code_output,
+            config,
+            constraint,
+            req.candidates,
+        )
+
+    # -- batched prediction --------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def predict(self, requests: list[Request]) -> list[dict]:
+        """Results in request order; requests with equal decoding settings share one generate call."""
+        prepared = [self._prepare(r) for r in requests]
+        results: list[dict | None] = [None] * len(prepared)
+        groups: dict[tuple, list[int]] = {}
+        for i, p in enumerate(prepared):
+            groups.setdefault((repr(p.config), p.code_output), []).append(i)
+        for idx in groups.values():
+            batch = [prepared[i] for i in idx]
+            for i, result in zip(idx, self._run(batch), strict=True):
+                results[i] = result
+        return results  # type: ignore[return-value]
+
+    def _encode(self, batch: list[_Prepared]):
+        width = max(len(p.source_ids) for p in batch)
+        ids = torch.full((len(batch), width), PAD_ID, dtype=torch.long)
+        for row, p in enumerate(batch):
+            ids[row, : len(p.source_ids)] = torch.tensor(p.source_ids)
+        images = torch.stack([p.image for p in batch])
+        masks = torch.tensor([p.has_image for p in batch])
+        code = torch.tensor([p.code_output for p in batch])
+        return self.model.encode(
+            ids.to(self.device),
+            images.to(self.device),
+            masks.to(self.device),
+            code.to(self.device) if code.any() else None,
+        )
+
+    def _run(self, batch: list[_Prepared]) -> list[dict]:
+        enc = self._encode(batch)
+        prefix = None
+        if self.model.config.prompt_type == "prev_output":
+            prefix = [p.source_ids[1:-1] for p in batch]
+        hyps = generate(self.model, enc, batch[0].config, [p.constraint for p in batch], prefix)
+        out = [self._result(p, h[0]) for p, h in zip(batch, hyps, strict=True)]
+        self._add_probabilities(batch, enc, out)
+        return out
+
+    def _result(self, p: _Prepared, hyp: Hypothesis) -> dict:
+        result: dict[str, Any] = {
+            "task": p.task.name if p.task else None,
+            "text": self.vocab.decode(hyp.tokens),
+            "tokens": hyp.tokens,
+            "score": hyp.score,
+        }
+        try:
+            if p.task is None:
+                result.update(parse_free(hyp.tokens, self.vocab, p.size))
+            elif p.candidates is not None:
+                result["answer"] = self.vocab.decode(hyp.tokens).strip()
+            else:
+                result.update(p.task.parse(hyp.tokens, self.vocab, p.size, p.record))
+        except ParseError as e:
+            result["parse_error"] = str(e)
+            return result
+        if p.code_output and "codes" in result:
+            result["image"] = self._codes_to_image(p, result["codes"])
+        return result
+
+    def _add_probabilities(self, batch: list[_Prepared], enc, out: list[dict]) -> None:
+        """Closed-set answers get a probability: softmax over every candidate's sequence log-prob."""
+        rows = [
+            i
+            for i, p in enumerate(batch)
+            if "parse_error" not in out[i] and (p.candidates is not None or (p.task and p.task.labels))
+        ]
+        if not rows:
+            return
+        labels = [
+            batch[i].candidates if batch[i].candidates is not None else list(batch[i].task.labels)
+            for i in rows
+        ]
+        cands = [[encode_answer(self.vocab, c) for c in names] for names in labels]
+        scores = score_candidates(self.model, enc.index_select(torch.tensor(rows, device=self.device)), cands)
+        for i, names, s in zip(rows, labels, scores, strict=True):
+            top = max(s)
+            z = math.fsum(math.exp(v - top) for v in s)
+            probs = {n: math.exp(v - top) / z for n, v in zip(names, s, strict=True)}
+            out[i]["probabilities"] = probs
+            answer = out[i].get("answer")
+            if answer in probs:
+                out[i]["probability"] = probs[answer]
+
+    def _codes_to_image(self, p: _Prepared, codes: list[int]) -> Image.Image:
+        from ofa_unified.vq import paste_middle, tensor_to_pil
+
+        side = int(math.isqrt(len(codes)))
+        grid = torch.tensor(codes, device=self.device).view(1, side, side)
+        pixels = self.vq.decode(grid)[0].cpu()
+        if p.task.name == "image_infilling":
+            pixels = paste_middle(p.image, pixels)
+        return tensor_to_pil(pixels).resize(p.size, Image.Resampling.BICUBIC)
