@@ -1,0 +1,467 @@
+"""Decoding for the encoder-decoder: greedy, sampling and beam search over the decoder's KV cache,
+constrained decoding (candidate tries, token-id ranges) and OFA's "allcand" candidate scoring.
+
+Every search runs on rows (one per sample, or per beam/sample draw) that share one batched
+`model.decode` call per step. Samples that finish leave the batch (`enc.index_select` plus
+`cache.reorder` with a shorter index, as fairseq shrinks its batch), so a long sample does not make
+the others pay for padding.
+
+Scores. Every `Hypothesis.score` is `sum(token_logprobs) / len ** length_penalty`, where `len` counts
+the final eos (fairseq's normalisation), in all three modes, so greedy equals beam search with one
+beam token for token and score; `length_penalty=0` gives the plain sum (`Hypothesis.logprob`). The
+log-probs are the model's (temperature 1, before top-k/top-p), so a score means the same thing
+whichever way the tokens were chosen.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import marisa_trie
+import torch
+import torch.nn.functional as F
+
+# Same ids as ofa_unified.vocab (OFA's order); the decoder input always starts with bos.
+BOS, PAD, EOS = 0, 1, 2
+
+
+@dataclass
+class GenerationConfig:
+    """Decoding settings. `max_new_tokens` counts tokens before the eos (fairseq's max_len): at that
+    point eos is forced. `beam_size > 1` with `do_sample` draws that many independent samples."""
+
+    max_new_tokens: int = 32
+    min_new_tokens: int = 0
+    beam_size: int = 1
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    length_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+
+    def __post_init__(self) -> None:
+        rules = [
+            ("max_new_tokens", self.max_new_tokens >= 1, ">= 1"),
+            ("min_new_tokens", 0 <= self.min_new_tokens <= self.max_new_tokens, "in [0, max_new_tokens]"),
+            ("beam_size", self.beam_size >= 1, ">= 1"),
+            ("temperature", math.isfinite(self.temperature) and self.temperature > 0, "a finite number > 0"),
+            ("top_k", self.top_k >= 0, ">= 0 (0 = off)"),
+            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
+            ("length_penalty", math.isfinite(self.length_penalty), "finite"),
+            ("no_repeat_ngram_size", self.no_repeat_ngram_size >= 0, ">= 0 (0 = off)"),
+        ]
+        for name, ok, rule in rules:
+            if not ok:
+                raise ValueError(f"GenerationConfig.{name} must be {rule}, got {getattr(self, name)!r}")
+
+
+@dataclass
+class Hypothesis:
+    """One output. `tokens` has no bos, no forced prefix and no final eos; `token_logprobs` has one
+    entry per token of `tokens` followed by the eos's."""
+
+    tokens: list[int]
+    score: float
+    token_logprobs: list[float] = field(default_factory=list)
+
+    @property
+    def logprob(self) -> float:
+        """Sum of log-probs, eos included (the score without length normalisation)."""
+        return math.fsum(self.token_logprobs)
+
+
+@runtime_checkable
+class Constraint(Protocol):
+    """Restricts the next token of one sample. `generated` holds the tokens chosen so far (no bos,
+    no prefix). Return the allowed ids (an empty sequence ends the hypothesis with eos) or None for
+    any id. A constraint may also define `max_tokens`: the most tokens before eos it can require;
+    decoding then runs that long even past `max_new_tokens`, so a constrained path can always finish."""
+
+    def allowed(self, generated: Sequence[int]) -> Sequence[int] | None: ...
+
+
+class TrieConstraint:
+    """Only continuations of the candidate token sequences; every finished hypothesis is exactly one
+    candidate. eos is appended to each, so `[a]` and `[a, b]` are different, complete paths."""
+
+    def __init__(self, candidates: Sequence[Sequence[int]], eos_id: int = EOS):
+        if len(candidates) == 0:
+            raise ValueError("TrieConstraint needs at least one candidate")
+        for i, cand in enumerate(candidates):
+            if len(cand) == 0:
+                raise ValueError(f"TrieConstraint candidate {i} is empty")
+            if any(t < 0 or t == eos_id for t in cand):
+                raise ValueError(f"TrieConstraint candidate {i} has a negative or eos id: {list(cand)}")
+        self.eos_id = eos_id
+        self.max_tokens = max(len(c) for c in candidates)
+        self._trie = marisa_trie.Trie(self._key([*c, eos_id]) for c in candidates)
+        self._children: dict[str, list[int]] = {}
+
+    @staticmethod
+    def _key(ids: Sequence[int]) -> str:
+        # Every id ends with a space, so the prefix "1 2 " cannot match the key "1 23 ".
+        return "".join(f"{t} " for t in ids)
+
+    def allowed(self, generated: Sequence[int]) -> list[int]:
+        key = self._key(generated)
+        children = self._children.get(key)
+        if children is None:
+            n = len(key)
+            children = sorted({int(k[n:].split(" ", 1)[0]) for k in self._trie.keys(key) if len(k) > n})
+            self._children[key] = children
+        return children
+
+    def __contains__(self, tokens: Sequence[int]) -> bool:
+        """Whether `tokens` (without eos) is one of the candidates."""
+        return self._key([*tokens, self.eos_id]) in self._trie
+
+    def __len__(self) -> int:
+        return len(self._trie)
+
+
+class TokenRangeConstraint:
+    """Only ids in [lo, hi) (bins for boxes, codes for images). With `exact_len`, exactly that many
+    such tokens and then eos; without it eos is allowed at any step."""
+
+    def __init__(self, lo: int, hi: int, exact_len: int | None = None, eos_id: int = EOS):
+        if not 0 <= lo < hi:
+            raise ValueError(f"TokenRangeConstraint needs 0 <= lo < hi, got lo={lo}, hi={hi}")
+        if exact_len is not None and exact_len < 1:
+            raise ValueError(f"TokenRangeConstraint exact_len must be >= 1, got {exact_len}")
+        if lo <= eos_id < hi:
+            raise ValueError(f"TokenRangeConstraint range [{lo}, {hi}) must not contain eos ({eos_id})")
+        self.exact_len = exact_len
+        self.max_tokens = exact_len
+        self._range = range(lo, hi)
+        self._eos = (eos_id,)
+        self._range_or_eos = (*self._range, eos_id)
+
+    def allowed(self, generated: Sequence[int]) -> Sequence[int]:
+        if self.exact_len is None:
+            return self._range_or_eos
+        return self._range if len(generated) < self.exact_len else self._eos
+
+
+ConstraintArg = Constraint | Sequence[Constraint | None] | None
+
+
+class _Rows:
+    """The rows being decoded: fed tokens, cache, encoder output, and per-row masking rules."""
+
+    def __init__(
+        self, model, enc, config: GenerationConfig, constraints: ConstraintArg, prefix, per_sample: int
+    ) -> None:
+        batch, device = enc.hidden.size(0), enc.hidden.device
+        self.model, self.config, self.device = model, config, device
+        self.constraints = _per_sample(constraints, batch)
+        prefix = _check_prefix(prefix, batch)
+        lengths = [len(p) for p in prefix]
+        self.prefix_len = torch.tensor(lengths, device=device)
+        self.prefix = torch.full((batch, max(lengths, default=0) + 1), PAD, dtype=torch.long, device=device)
+        for b, p in enumerate(prefix):
+            if p:
+                self.prefix[b, : len(p)] = torch.tensor(p, dtype=torch.long)
+        caps = [max(config.max_new_tokens, getattr(c, "max_tokens", None) or 0) for c in self.constraints]
+        self.cap = torch.tensor(caps, device=device)
+        self.has_constraint = torch.tensor([c is not None for c in self.constraints], device=device)
+        self.sample = torch.arange(batch, device=device).repeat_interleave(per_sample)
+        self.enc = enc.repeat_interleave(per_sample) if per_sample > 1 else enc
+        # The prefix length all samples share is fed in the first call; ragged rest is forced step by step.
+        common = min(lengths, default=0)
+        bos = torch.full((len(self.sample), 1), BOS, dtype=torch.long, device=device)
+        self.tokens = torch.cat([bos, self.prefix[self.sample, :common]], dim=1)
+        logits, self.cache = model.decode(self.tokens, self.enc, None)
+        self.logits = logits[:, -1]
+
+    def generated_len(self) -> torch.Tensor:
+        """Tokens generated so far per row, excluding the prefix (negative while it is being forced)."""
+        return self.tokens.size(1) - 1 - self.prefix_len[self.sample]
+
+    def generated(self, row: int) -> list[int]:
+        return self.tokens[row, 1 + int(self.prefix_len[self.sample[row]]) :].tolist()
+
+    def logprobs(self) -> torch.Tensor:
+        """Next-token log-probs with every rule applied. Follows OFA: log_softmax over the full vocab
+        first, then disallowed ids are set to -inf without renormalising, so a constrained score is
+        the model's own log-likelihood (and equals `score_candidates`). Forced prefix tokens get 0."""
+        lprobs = F.log_softmax(self.logits.float(), dim=-1)
+        steps = self.generated_len()
+        allowed = self._allowed(steps, lprobs.size(1))
+        banned = self._banned(steps, lprobs.size(1))
+        if banned is not None:
+            # min_new_tokens and n-gram blocking give way where they would leave nothing allowed.
+            soft = allowed & ~banned
+            allowed = torch.where(soft.any(dim=1, keepdim=True), soft, allowed)
+        forcing = steps < 0
+        if forcing.any():
+            rows = forcing.nonzero().squeeze(1)
+            forced = self.prefix[self.sample[rows], self.tokens.size(1) - 1]
+            lprobs[rows] = 0.0
+            allowed[rows] = False
+            allowed[rows, forced] = True
+        return lprobs.masked_fill(~allowed, -math.inf)
+
+    def _allowed(self, steps: torch.Tensor, vocab: int) -> torch.Tensor:
+        allowed = torch.ones(len(steps), vocab, dtype=torch.bool, device=self.device)
+        allowed[:, [BOS, PAD]] = False  # never generated (fairseq bans pad); a constraint may allow them
+        rows = (self.has_constraint[self.sample] & (steps >= 0)).nonzero().squeeze(1).tolist()
+        if rows:
+            tokens, starts = self.tokens.tolist(), (1 + self.prefix_len[self.sample]).tolist()
+            groups: dict[int, tuple[Sequence[int], list[int]]] = {}  # rows sharing one allowed object
+            for r in rows:
+                ids = self.constraints[int(self.sample[r])].allowed(tokens[r][starts[r] :])
+                if ids is not None:
+                    groups.setdefault(id(ids), (ids, []))[1].append(r)
+            for ids, group in groups.values():
+                idx = torch.tensor(group, device=self.device)
+                allowed[idx] = False
+                if isinstance(ids, range) and ids.step == 1:
+                    allowed[idx, ids.start : ids.stop] = True
+                elif len(ids) == 0:
+                    allowed[idx, EOS] = True
+                else:
+                    allowed[idx[:, None], torch.tensor(list(ids), device=self.device)[None, :]] = True
+        # At max_new_tokens eos is forced where the constraint allows it; at the constraint's own
+        # limit (its longest path) it is forced regardless.
+        over = steps >= self.config.max_new_tokens
+        force = over & (allowed[:, EOS] | (steps >= self.cap[self.sample]))
+        allowed[force] = False
+        allowed[force, EOS] = True
+        return allowed
+
+    def _banned(self, steps: torch.Tensor, vocab: int) -> torch.Tensor | None:
+        cfg, n = self.config, self.config.no_repeat_ngram_size
+        too_short = (steps >= 0) & (steps < cfg.min_new_tokens)
+        blocking = n > 0 and bool((steps >= n).any())
+        if not (too_short.any() or blocking):
+            return None
+        banned = torch.zeros(len(steps), vocab, dtype=torch.bool, device=self.device)
+        banned[too_short, EOS] = True
+        if blocking:
+            # An n-gram is blocked when its first n-1 tokens equal the last n-1 generated ones; only
+            # generated tokens count (the prompt prefix is not output, so repeating it is fine).
+            length = self.tokens.size(1)
+            windows = self.tokens.unfold(1, n, 1)  # [N, W, n]
+            start = torch.arange(windows.size(1), device=self.device)
+            first = 1 + self.prefix_len[self.sample]  # position of the first generated token
+            inside = (start[None, :] >= first[:, None]) & (steps >= n - 1)[:, None]
+            suffix = self.tokens[:, length - (n - 1) :]
+            match = (windows[:, :, :-1] == suffix[:, None, :]).all(dim=-1) & inside
+            rows, cols = match.nonzero(as_tuple=True)
+            banned[rows, windows[rows, cols, -1]] = True
+        return banned
+
+    def advance(self, src: torch.Tensor, next_tokens: torch.Tensor) -> None:
+        """Keep rows `src` (in that order; beams reorder, finished samples drop out), append one token
+        to each and run the decoder one step."""
+        n = len(self.sample)
+        if len(src) != n or not torch.equal(src, torch.arange(n, device=self.device)):
+            new_sample = self.sample[src]
+            if not torch.equal(new_sample, self.sample):  # rows of a sample share their encoder output
+                self.enc = self.enc.index_select(src)
+            self.cache = self.cache.reorder(src)
+            self.sample = new_sample
+            self.tokens = self.tokens[src]
+        self.tokens = torch.cat([self.tokens, next_tokens[:, None]], dim=1)
+        logits, self.cache = self.model.decode(next_tokens[:, None], self.enc, self.cache)
+        self.logits = logits[:, -1]
+
+    def hypothesis(self, row: int, logprobs: torch.Tensor, eos_logprob: float) -> Hypothesis:
+        """Finish `row` with eos; `logprobs` are its scored log-probs aligned with `tokens[row, 1:]`."""
+        tokens = self.generated(row)
+        lps = [*logprobs[len(logprobs) - len(tokens) :].tolist(), eos_logprob]
+        score = math.fsum(lps) / len(lps) ** self.config.length_penalty
+        return Hypothesis(tokens, score, lps)
+
+
+def _per_sample(constraints: ConstraintArg, batch: int) -> list[Constraint | None]:
+    if constraints is None or isinstance(constraints, Constraint):
+        return [constraints] * batch
+    constraints = list(constraints)
+    if len(constraints) != batch:
+        raise ValueError(f"got {len(constraints)} constraints for a batch of {batch}")
+    return constraints
+
+
+def _check_prefix(prefix: Sequence[Sequence[int]] | None, batch: int) -> list[list[int]]:
+    if prefix is None:
+        return [[] for _ in range(batch)]
+    if len(prefix) != batch:
+        raise ValueError(f"got {len(prefix)} prefixes for a batch of {batch}")
+    prefix = [list(p) for p in prefix]
+    if any(EOS in p for p in prefix):
+        raise ValueError("a decoder prefix must not contain eos (OFA's prompt is the source minus its eos)")
+    return prefix
+
+
+def generate(
+    model,
+    enc,
+    config: GenerationConfig | None = None,
+    constraints: ConstraintArg = None,
+    prefix: Sequence[Sequence[int]] | None = None,
+) -> list[list[Hypothesis]]:
+    """Decode every sample of `enc` (the model's EncoderOutput). Greedy when `beam_size == 1` and not
+    `do_sample`; beam search when `beam_size > 1`; sampling when `do_sample`. `constraints`: one for
+    all samples or one (or None) per sample. `prefix`: per-sample tokens forced after bos (OFA's
+    prev_output prompt), ragged allowed, neither scored nor returned. Returns per sample the
+    hypotheses best first: `beam_size` of them (fewer if a constraint allows fewer), one for greedy."""
+    config = config or GenerationConfig()
+    if config.do_sample or config.beam_size == 1:
+        return _sample_or_greedy(model, enc, config, constraints, prefix)
+    return _beam_search(model, enc, config, constraints, prefix)
+
+
+def _filter_top_k_top_p(scores: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    if 0 < top_k < scores.size(1):
+        kth = scores.topk(top_k, dim=1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, -math.inf)
+    if top_p < 1:
+        sorted_scores, order = scores.sort(dim=1, descending=True)
+        probs = sorted_scores.softmax(dim=1)
+        drop = probs.cumsum(dim=1) - probs >= top_p  # keep the smallest set whose mass reaches top_p
+        scores = scores.masked_fill(drop.scatter(1, order, drop), -math.inf)
+    return scores
+
+
+@torch.no_grad()
+def _sample_or_greedy(model, enc, config, constraints, prefix) -> list[list[Hypothesis]]:
+    per_sample = config.beam_size if config.do_sample else 1
+    rows = _Rows(model, enc, config, constraints, prefix, per_sample)
+    generator = None
+    if config.do_sample and config.seed is not None:
+        generator = torch.Generator(device=rows.device).manual_seed(config.seed)
+    origin = torch.arange(len(rows.sample), device=rows.device)  # output slot of each live row
+    history = torch.zeros(len(origin), rows.tokens.size(1) - 1, device=rows.device)
+    out: list[Hypothesis | None] = [None] * len(origin)
+    while True:
+        lprobs = rows.logprobs()
+        if config.do_sample:
+            # lprobs differ from logits by a per-row constant, so lprobs / T is softmax(logits / T).
+            scores = _filter_top_k_top_p(lprobs / config.temperature, config.top_k, config.top_p)
+            tokens = torch.multinomial(scores.softmax(dim=1), 1, generator=generator).squeeze(1)
+        else:
+            tokens = lprobs.argmax(dim=1)
+        picked = lprobs.gather(1, tokens[:, None]).squeeze(1)
+        done = tokens == EOS
+        for r in done.nonzero().squeeze(1).tolist():
+            out[int(origin[r])] = rows.hypothesis(r, history[r], float(picked[r]))
+        keep = (~done).nonzero().squeeze(1)
+        if len(keep) == 0:
+            break
+        history = torch.cat([history[keep], picked[keep, None]], dim=1)
+        origin = origin[keep]
+        rows.advance(keep, tokens[keep])
+    hyps = [h for h in out if h is not None]  # every row ends with eos, so none is None
+    return [sorted(hyps[b : b + per_sample], key=lambda h: -h.score) for b in range(0, len(hyps), per_sample)]
+
+
+@torch.no_grad()
+def _beam_search(model, enc, config, constraints, prefix) -> list[list[Hypothesis]]:
+    """Beam search over B*K rows. Like fairseq/HF: each step takes the top 2K (beam, token) pairs of
+    a sample; eos pairs ranked within the top K finish a hypothesis, the best K others stay live. A
+    sample stops once it has K finished hypotheses and its best live beam, scored as if it ended
+    now, cannot beat the worst of them (HF's default), or when no live beam is left."""
+    k, lp = config.beam_size, config.length_penalty
+    rows = _Rows(model, enc, config, constraints, prefix, k)
+    device, batch = rows.device, len(rows.sample) // k
+    samples = torch.arange(batch, device=device)  # live samples, in row order
+    # Only beam 0 starts live: the K rows are identical copies until the first choice.
+    beam_scores = torch.full((batch, k), -math.inf, device=device)
+    beam_scores[:, 0] = 0.0
+    history = torch.zeros(batch * k, rows.tokens.size(1) - 1, device=device)
+    best_finished = torch.full((batch, k), -math.inf, device=device)  # top-K finished scores, live samples
+    finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
+    rank = torch.arange(2 * k, device=device)
+    while True:
+        lprobs = rows.logprobs()
+        live, vocab = len(samples), lprobs.size(1)
+        length = (rows.generated_len().view(live, k)[:, 0] + 1).clamp(min=1).float()  # incl. this token
+        cand = (beam_scores.view(-1, 1) + lprobs).view(live, k * vocab)
+        top_scores, top_idx = cand.topk(2 * k, dim=1)
+        src = top_idx // vocab + (torch.arange(live, device=device) * k)[:, None]  # row of each pair
+        tokens = top_idx % vocab
+        token_lp = lprobs[src, tokens]
+        is_eos = tokens == EOS
+
+        ends = is_eos & (rank < k) & torch.isfinite(top_scores)
+        end_scores = torch.where(ends, top_scores / length[:, None] ** lp, -math.inf)
+        best_finished = torch.cat([best_finished, end_scores], dim=1).topk(k, dim=1).values
+        for i, j in ends.nonzero().tolist():
+            r = int(src[i, j])
+            finished[int(samples[i])].append(rows.hypothesis(r, history[r], float(token_lp[i, j])))
+
+        # The best K non-eos pairs stay live (there are always K: each beam has one eos pair).
+        order = (is_eos.long() * 2 * k + rank).argsort(dim=1)[:, :k]
+        beam_scores = top_scores.gather(1, order)
+        best_live = beam_scores[:, 0] / length**lp
+        worst = best_finished[:, -1]  # -inf until K hypotheses have finished
+        done = ~torch.isfinite(best_live) | (torch.isfinite(worst) & (best_live <= worst))
+        keep = (~done).nonzero().squeeze(1)
+        if len(keep) == 0:
+            break
+        keep_rows = src.gather(1, order)[keep].flatten()
+        next_tokens = tokens.gather(1, order)[keep].flatten()
+        picked = token_lp.gather(1, order)[keep].flatten()
+        history = torch.cat([history[keep_rows], picked[:, None]], dim=1)
+        beam_scores, samples, best_finished = beam_scores[keep], samples[keep], best_finished[keep]
+        rows.advance(keep_rows, next_tokens)
+    return [sorted(hyps, key=lambda h: -h.score)[:k] for hyps in finished]
+
+
+@torch.no_grad()
+def score_candidates(
+    model,
+    enc,
+    candidates: Sequence[Sequence[Sequence[int]]],
+    chunk_size: int = 64,
+    prefix: Sequence[Sequence[int]] | None = None,
+) -> list[list[float]]:
+    """OFA's "allcand": the summed log-prob of every candidate (eos appended) of every sample,
+    teacher-forced over that sample's one encoder output. An exact argmax over a closed answer set,
+    where a beam over a trie is an approximation. (sample, candidate) pairs of all samples are packed
+    into decoder batches of `chunk_size`; right padding is safe because the decoder is causal.
+    `prefix` is forced after bos as in `generate` and not scored."""
+    batch = enc.hidden.size(0)
+    if len(candidates) != batch:
+        raise ValueError(f"got candidates for {len(candidates)} samples, the batch has {batch}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    prefix = _check_prefix(prefix, batch)
+    pairs = [(b, j) for b in range(batch) for j in range(len(candidates[b]))]
+    scores = [[0.0] * len(c) for c in candidates]
+    for start in range(0, len(pairs), chunk_size):
+        chunk = pairs[start : start + chunk_size]
+        seqs = [[BOS, *prefix[b], *candidates[b][j], EOS] for b, j in chunk]
+        ids = torch.full((len(seqs), max(map(len, seqs))), PAD, dtype=torch.long)
+        scored = torch.zeros(len(seqs), ids.size(1) - 1, dtype=torch.bool)  # targets that count
+        for i, ((b, _), seq) in enumerate(zip(chunk, seqs, strict=True)):
+            ids[i, : len(seq)] = torch.tensor(seq)
+            scored[i, len(prefix[b]) : len(seq) - 1] = True
+        ids, scored = ids.to(enc.hidden.device), scored.to(enc.hidden.device)
+        rows = torch.tensor([b for b, _ in chunk], device=enc.hidden.device)
+        logits, _ = model.decode(ids[:, :-1], enc.index_select(rows), None)
+        lprobs = F.log_softmax(logits.float(), dim=-1).gather(2, ids[:, 1:, None]).squeeze(2)
+        sums = lprobs.double().masked_fill(~scored, 0.0).sum(dim=1).tolist()
+        for (b, j), s in zip(chunk, sums, strict=True):
+            scores[b][j] = s
+    return scores
+
+
+def best_candidate(
+    model,
+    enc,
+    candidates: Sequence[Sequence[Sequence[int]]],
+    chunk_size: int = 64,
+    prefix: Sequence[Sequence[int]] | None = None,
+) -> list[tuple[int, float]]:
+    """Per sample, the index and summed log-prob of the highest-scoring candidate (`score_candidates`)."""
+    if any(len(c) == 0 for c in candidates):
+        raise ValueError("every sample needs at least one candidate")
+    scores = score_candidates(model, enc, candidates, chunk_size, prefix)
+    return [max(enumerate(s), key=lambda js: js[1]) for s in scores]
