@@ -1,0 +1,196 @@
+"""Predictor and CLI end to end on a random micro model: every task returns a well-formed result."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from ofa_unified.data.shapes import sample
+from ofa_unified.inference import Predictor, Request
+from ofa_unified.tasks import UnknownTaskError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def predictor(micro_checkpoint):
+    return Predictor.from_checkpoint(micro_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def image():
+    img, _ = sample("test", 0)
+    return img.resize((160, 96))  # not square, not the model size: outputs must come back in this frame
+
+
+def test_every_task_returns_a_result(predictor, image):
+    fast = {"max_new_tokens": 8, "beam_size": 2}
+    requests = [
+        Request(image, "caption", options=fast),
+        Request(image, "vqa", {"question": "what color is the circle?"}, options=fast),
+        Request(image, "grounding", {"text": "the red circle"}),
+        Request(image, "grounded_caption", {"box": [10, 20, 60, 70]}, options=fast),
+        Request(image, "itm", {"text": "a red circle"}),
+        Request(image, "visual_entailment", {"text1": "a red circle", "text2": "there is a circle"}),
+        Request(image, "detection", options=fast),
+        Request(image, "text_infilling", {"text": "a large red circle"}, options=fast),
+        Request(image, instruction="what is in the picture?", options=fast),
+    ]
+    results = predictor.predict(requests)
+    assert len(results) == len(requests)
+    for req, res in zip(requests, results, strict=True):
+        assert isinstance(res["tokens"], list) and isinstance(res["score"], float)
+        assert res["task"] == req.task
+    box = results[2]["box"]
+    assert len(box) == 4 and 0 <= box[0] <= box[2] <= 160 and 0 <= box[1] <= box[3] <= 96
+    assert results[4]["answer"] in ("yes", "no")
+    assert sum(results[4]["probabilities"].values()) == pytest.approx(1.0)
+    assert results[4]["probability"] == results[4]["probabilities"][results[4]["answer"]]
+    assert results[5]["answer"] in ("yes", "no", "maybe")
+
+
+def test_request_candidates_constrain_the_answer(predictor, image):
+    candidates = ["two", "three", "a large red circle"]
+    res = predictor.predict([Request(image, "vqa", {"question": "how many?"}, candidates=candidates)])[0]
+    assert res["answer"] in candidates
+    assert set(res["probabilities"]) == set(candidates)
+
+
+def test_batched_equals_one_by_one(predictor, image):
+    other, _ = sample("test", 1)
+    reqs = [
+        Request(image, "grounding", {"text": "the red circle"}),
+        Request(other, "grounding", {"text": "a"}),
+    ]
+    batched = predictor.predict(reqs)
+    single = [predictor.predict([r])[0] for r in reqs]
+    for a, b in zip(batched, single, strict=True):
+        assert a["tokens"] == b["tokens"]
+        assert a["score"] == pytest.approx(b["score"], abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("request_", "match"),
+    [
+        (Request(None, "caption"), "needs an image"),
+        (Request(Image.new("RGB", (8, 8)), "colorize"), "unknown task 'colorize'"),
+        (Request(Image.new("RGB", (8, 8)), "vqa"), r"lacks field\(s\) \['question'\]"),
+        (Request(Image.new("RGB", (8, 8)), instruction="   "), "instruction is empty"),
+        (Request(Image.new("RGB", (8, 8)), "caption", instruction="x"), "exactly one"),
+        (Request(Image.new("RGB", (8, 8)), "caption", options={"beam_size": 0}), "beam_size"),
+        (Request(Image.new("RGB", (8, 8)), "image_infilling"), "no VQ tokenizer"),
+    ],
+)
+def test_bad_requests_raise_named_errors(predictor, request_, match):
+    with pytest.raises(ValueError, match=match):
+        predictor.predict([request_])
+    assert issubclass(UnknownTaskError, ValueError)
+
+
+def run_cli(*args: str) -> str:
+    out = subprocess.run(
+        [sys.executable, "-m", "ofa_unified", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_predict_cli_prints_json(micro_checkpoint, image, tmp_path):
+    path = tmp_path / "img.png"
+    image.save(path)
+    res = json.loads(
+        run_cli(
+            "predict",
+            "--checkpoint",
+            str(micro_checkpoint),
+            "--image",
+            str(path),
+            "--task",
+            "grounding",
+            "--text",
+            "the red circle",
+            "--beam",
+            "2",
+        )
+    )
+    assert len(res["box"]) == 4 and len(res["tokens"]) == 4 and "score" in res
+    res = json.loads(
+        run_cli(
+            "predict",
+            "--checkpoint",
+            str(micro_checkpoint),
+            "--image",
+            str(path),
+            "--task",
+            "itm",
+            "--text",
+            "a red circle",
+            "--candidates",
+            "yes,no",
+        )
+    )
+    assert res["answer"] in ("yes", "no")
+
+
+def test_predict_cli_errors_are_messages(micro_checkpoint, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ofa_unified",
+            "predict",
+            "--checkpoint",
+            str(micro_checkpoint),
+            "--image",
+            str(bad),
+            "--task",
+            "caption",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode != 0 and "cannot read image" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_sizes_cli_lists_every_size():
+    data = json.loads(run_cli("sizes"))
+    counts = {row["name"]: row["params_ofa_vocab"] for row in data["sizes"]}
+    assert counts["tiny"] == 33_488_336 and counts["huge"] == 929_486_848
+
+
+def test_convert_and_forward_cli_reproduce_the_reference(reference_dir, tmp_path):
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "model.safetensors").symlink_to(reference_dir / "weights.safetensors")
+    (hf / "config.json").write_text((reference_dir / "config.json").read_text())
+    converted = json.loads(run_cli("convert", str(hf), "--out", str(tmp_path / "own")))
+    assert converted["from"] == "hf"
+    run_cli(
+        "forward",
+        "--checkpoint",
+        str(tmp_path / "own"),
+        "--inputs",
+        str(reference_dir / "inputs.safetensors"),
+        "--out",
+        str(tmp_path / "out.safetensors"),
+    )
+    got = load_file(str(tmp_path / "out.safetensors"))
+    expected = load_file(str(reference_dir / "outputs.safetensors"))
+    for key in ("logits", "encoder_out"):
+        torch.testing.assert_close(got[key], expected[key], atol=1e-4, rtol=1e-4)
+
+
+def test_shapes_cli_writes_images_and_annotations(tmp_path):
+    run_cli("shapes", "--split", "test", "--n", "3", "--out", str(tmp_path / "s"))
+    assert len(list((tmp_path / "s" / "images").glob("*.png"))) == 3
+    assert len((tmp_path / "s" / "annotations.jsonl").read_text().splitlines()) == 3
