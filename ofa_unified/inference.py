@@ -90,6 +90,11 @@ class Predictor:
             vq = VQTokenizer.load(vq_dir, map_location=device)
         return cls(loaded.model, loaded.vocab, device=device, vq=vq, **kwargs)
 
+    def code_grid(self, task: str) -> int:
+        """Side of the code grid an image task writes: the middle half for infilling, else the whole image."""
+        pixels = self.image_size // 2 if task == "image_infilling" else self.image_size
+        return pixels // self.vq.config.downsample
+
     # -- request preparation -------------------------------------------------------------------
 
     def _prepare(self, req: Request) -> _Prepared:
@@ -188,10 +193,10 @@ class Predictor:
             "score": hyp.score,
         }
         try:
-            if p.task is None:
-                result.update(parse_free(hyp.tokens, self.vocab, p.size))
-            elif p.candidates is not None:
+            if p.candidates is not None:
                 result["answer"] = self.vocab.decode(hyp.tokens).strip()
+            elif p.task is None:
+                result.update(parse_free(hyp.tokens, self.vocab, p.size))
             else:
                 result.update(p.task.parse(hyp.tokens, self.vocab, p.size, p.record))
         except ParseError as e:
@@ -228,7 +233,7 @@ class Predictor:
     def _codes_to_image(self, p: _Prepared, codes: list[int]) -> Image.Image:
         from ofa_unified.vq import paste_middle, tensor_to_pil
 
-        side = int(math.isqrt(len(codes)))
+        side = p.record["code_grid"]
         grid = torch.tensor(codes, device=self.device).view(1, side, side)
         pixels = self.vq.decode(grid)[0].cpu()
         if p.task.name == "image_infilling":

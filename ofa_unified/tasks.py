@@ -17,6 +17,7 @@ that rule lives, used for targets and for decoding candidates alike.
 from __future__ import annotations
 
 import functools
+import importlib.resources
 import json
 import random
 import zlib
@@ -29,7 +30,7 @@ from ofa_unified import metrics
 from ofa_unified.generate import Constraint, GenerationConfig, TokenRangeConstraint, TrieConstraint
 from ofa_unified.vocab import BOS, EOS, PAD, Vocab, dequantize, quantize
 
-TEMPLATES_PATH = Path(__file__).resolve().parent.parent / "instructions" / "templates.json"
+TEMPLATES_PATH = Path(str(importlib.resources.files("instructions") / "templates.json"))
 # Keys of a template entry that are GenerationConfig settings.
 _DECODING_KEYS = (
     "beam_size",

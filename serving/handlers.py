@@ -1,0 +1,469 @@
+"""Request handling: validate against the limits, decode the image, build a `Request`, run it through
+the engine client and shape the result. Knows nothing about HTTP beyond the status codes in
+`ServingError`; routes.py does the wiring.
+
+Error mapping (every refusal is a `ServingError` with a JSON body naming the limit):
+413 too many bytes / pixels; 415 not an image or an unsupported one; 422 invalid input (empty
+instruction, unknown task, missing field, bad box, too many candidates, options over a limit,
+truncated or corrupt image); 501 image output without a VQ tokenizer; 503 (+ Retry-After) not ready,
+queue full or shutting down; 504 timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+
+from ofa_unified.data.preprocess import (
+    ImageDecodeError,
+    ImageTooLargeError,
+    UnsupportedImageError,
+    load_image,
+)
+from ofa_unified.generate import GenerationConfig
+from ofa_unified.inference import FREE_DEFAULTS, VQ_DIR, Request
+from ofa_unified.tasks import Task, UnknownTaskError, get_task, instruction_source, list_tasks, load_templates
+from serving import protocol as p
+from serving.config import ServeConfig
+from serving.engine import (
+    BatchingEngine,
+    EngineClient,
+    EngineTimeoutError,
+    QueueFullError,
+    ShuttingDownError,
+)
+from serving.telemetry import ServeMetrics
+
+logger = logging.getLogger("serving.handlers")
+
+# Task name -> its endpoint; qa_matching has none (it runs on /v1/generate).
+TASK_ENDPOINTS = {
+    "caption": "/v1/caption",
+    "vqa": "/v1/vqa",
+    "grounding": "/v1/grounding",
+    "grounded_caption": "/v1/grounded-caption",
+    "itm": "/v1/itm",
+    "detection": "/v1/detection",
+    "text_infilling": "/v1/text-infilling",
+    "image_infilling": "/v1/image-infilling",
+    "text_to_image": "/v1/image-generation",
+    "visual_entailment": "/v1/visual-entailment",
+}
+# Record fields a client may give on /v1/generate beyond the task's template fields.
+OPTIONAL_FIELDS = {"text_infilling": ("masked_text",)}
+NO_IMAGE_TASKS = ("text_to_image",)
+
+
+class ServingError(Exception):
+    """A refusal with its HTTP status; `limit` names the ServeConfig field that was hit."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request",
+        limit: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.limit = status, message, type, limit
+        self.headers = headers or {}
+
+
+def limit_error(
+    status: int, limit: str, message: str, type: str = "limit_exceeded", **kw: Any
+) -> ServingError:
+    """An error whose message ends by naming the setting and its environment variable."""
+    return ServingError(
+        status, f"{message} (limit: {limit}, env {ServeConfig.env_name(limit)})", type=type, limit=limit, **kw
+    )
+
+
+@dataclass
+class ServerState:
+    """Mutable per-app state: set up by the lifespan, read by handlers and health endpoints."""
+
+    config: ServeConfig
+    metrics: ServeMetrics
+    engine: BatchingEngine | None = None
+    ready: bool = False
+    draining: bool = False
+    error: str | None = None
+    startup_task: asyncio.Task | None = field(default=None, repr=False)
+
+
+@dataclass
+class Outcome:
+    """A finished request: the predictor's result (PIL image removed), the PNG, the image frame."""
+
+    result: dict[str, Any]
+    image_size: tuple[int, int] | None
+    png: bytes | None = None
+    png_size: tuple[int, int] | None = None
+
+
+class Handlers:
+    """The serving logic over an engine client; one instance per app."""
+
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+        self.config = state.config
+
+    # -- readiness ---------------------------------------------------------------------------------
+
+    def engine(self) -> EngineClient:
+        s = self.state
+        retry = {"Retry-After": str(self.config.retry_after_s)}
+        if s.draining:
+            raise ServingError(503, "the server is shutting down", type="unavailable", headers=retry)
+        if not s.ready or s.engine is None:
+            why = f"the model failed to load: {s.error}" if s.error else "the model is loading or warming up"
+            raise ServingError(503, f"not ready: {why}", type="unavailable", headers=retry)
+        return s.engine
+
+    # -- the one path every endpoint takes ---------------------------------------------------------
+
+    async def run(
+        self,
+        task_name: str | None,
+        body: p.GenerationOptions,
+        image: bytes | str | None,
+        instruction: str | None = None,
+        candidates: list[str] | None = None,
+        check_fields: bool = False,
+    ) -> Outcome:
+        """Validate, decode, queue and wait. `check_fields` refuses record fields the task does not
+        take (for /v1/generate, where clients name fields themselves)."""
+        engine = self.engine()
+        predictor = engine.predictor
+        fields = body.task_fields()
+        options = body.options()
+        task = self._task(task_name)
+        if task is not None and task.output == "codes" and predictor.vq is None:
+            raise ServingError(
+                501,
+                f"task {task.name} writes an image, but this checkpoint has no VQ tokenizer "
+                f"('{VQ_DIR}/' inside the checkpoint directory)",
+                type="not_implemented",
+            )
+        if task is not None and check_fields:
+            allowed = (*task.fields, *OPTIONAL_FIELDS.get(task.name, ()))
+            unknown = sorted(set(fields) - set(allowed))
+            if unknown:
+                raise ServingError(422, f"task {task.name} takes fields {list(allowed)}; unknown: {unknown}")
+        self._check_texts(instruction, fields, candidates)
+        self._check_options(task, options)
+
+        needs_image = task is None or task.name not in NO_IMAGE_TASKS
+        pil = None
+        if needs_image:
+            if image is None:
+                raise ServingError(
+                    422, f"{task.name if task else 'an instruction'} needs an image ('image' field)"
+                )
+            pil = await asyncio.to_thread(self._decode, self._image_bytes(image))
+        size = pil.size if pil is not None else (predictor.image_size, predictor.image_size)
+        if "box" in fields:
+            fields["box"] = self._check_box(fields["box"], size)
+        if task is not None and task.output == "codes":
+            fields["code_grid"] = predictor.code_grid(task.name)
+        self._check_source(task, fields, instruction, size, predictor)
+        defaults = task.generation_kwargs({**fields, "task": task.name}) if task else dict(FREE_DEFAULTS)
+        cap = options.get("max_new_tokens")
+        if cap is not None and defaults.get("min_new_tokens", 0) > cap:
+            options["min_new_tokens"] = cap  # the client's cap wins over the task's default floor
+        try:
+            GenerationConfig(**{**defaults, **options})
+        except ValueError as e:
+            raise ServingError(422, str(e)) from None
+
+        request = Request(pil, task_name, fields, instruction, candidates, options)
+        result = await self._generate(engine, request)
+        return await self._outcome(result, pil.size if pil is not None else None, candidates)
+
+    def _task(self, name: str | None) -> Task | None:
+        if name is None:
+            return None
+        try:
+            return get_task(name)
+        except UnknownTaskError as e:
+            raise ServingError(422, str(e), type="unknown_task") from None
+
+    def _check_texts(self, instruction: str | None, fields: dict, candidates: list[str] | None) -> None:
+        cfg = self.config
+        texts = {"instruction": instruction} if instruction is not None else {}
+        texts.update({k: v for k, v in fields.items() if isinstance(v, str)})
+        texts.update(
+            {
+                f"{k}[{i}]": s
+                for k, v in fields.items()
+                if isinstance(v, list)
+                for i, s in enumerate(v)
+                if isinstance(s, str)
+            }
+        )
+        if candidates is not None:
+            if len(candidates) > cfg.max_candidates:
+                raise limit_error(
+                    422, "max_candidates", f"{len(candidates)} candidates; at most {cfg.max_candidates}"
+                )
+            if not candidates:
+                raise ServingError(422, "candidates is an empty list; leave it out for free decoding")
+            for i, c in enumerate(candidates):
+                if not c.strip():
+                    raise ServingError(422, f"candidates[{i}] is empty")
+                texts[f"candidates[{i}]"] = c
+        for name, text in texts.items():
+            if len(text) > cfg.max_instruction_chars:
+                raise limit_error(
+                    422,
+                    "max_instruction_chars",
+                    f"{name} is {len(text)} characters; at most {cfg.max_instruction_chars}",
+                )
+
+    def _check_options(self, task: Task | None, options: dict[str, Any]) -> None:
+        cfg = self.config
+        n = options.get("max_new_tokens")
+        if n is not None:
+            if task is not None and task.output == "codes":
+                raise ServingError(
+                    422,
+                    f"max_new_tokens does not apply to {task.name}: its code grid fixes the output length",
+                )
+            if n > cfg.max_new_tokens:
+                raise limit_error(422, "max_new_tokens", f"max_new_tokens={n} is above {cfg.max_new_tokens}")
+        beams = options.get("beam_size")
+        if beams is not None and beams > cfg.max_beam_size:
+            raise limit_error(422, "max_beam_size", f"beam_size={beams} is above {cfg.max_beam_size}")
+
+    def _image_bytes(self, image: bytes | str) -> bytes:
+        """Raw bytes of an upload, or of a base64 string / data: URI, within max_upload_bytes."""
+        limit = self.config.max_upload_bytes
+        if isinstance(image, str):
+            text = image.strip()
+            if text.startswith("data:"):
+                header, sep, text = text.partition(",")
+                if not sep or not header.endswith(";base64"):
+                    raise ServingError(422, "a data: URI image must be base64 ('data:image/png;base64,...')")
+            if len(text) * 3 // 4 > limit + 3:
+                raise limit_error(
+                    413, "max_upload_bytes", f"image is about {len(text) * 3 // 4} bytes; at most {limit}"
+                )
+            try:
+                image = base64.b64decode("".join(text.split()), validate=True)
+            except (binascii.Error, ValueError):
+                raise ServingError(422, "image is not valid base64 (nor a base64 data: URI)") from None
+        if len(image) > limit:
+            raise limit_error(413, "max_upload_bytes", f"image is {len(image)} bytes; at most {limit}")
+        if not image:
+            raise ServingError(422, "image is empty (0 bytes)")
+        return image
+
+    def _decode(self, data: bytes) -> Image.Image:
+        limit = self.config.max_image_pixels
+        try:
+            return load_image(data, max_pixels=limit)
+        except ImageTooLargeError as e:
+            raise limit_error(413, "max_image_pixels", str(e)) from None
+        except UnsupportedImageError as e:
+            raise ServingError(415, f"unsupported image: {e}", type="unsupported_media_type") from None
+        except ImageDecodeError as e:
+            raise ServingError(422, f"cannot decode the image: {e}", type="invalid_image") from None
+
+    @staticmethod
+    def _check_box(box: Any, size: tuple[int, int]) -> list[float]:
+        w, h = size
+        if not isinstance(box, list) or len(box) != 4 or not all(isinstance(v, (int, float)) for v in box):
+            raise ServingError(422, f"box must be [x0, y0, x1, y1] (4 numbers), got {box!r}")
+        x0, y0, x1, y1 = (float(v) for v in box)
+        if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
+            raise ServingError(422, f"box has a non-finite coordinate: {box!r}")
+        if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
+            raise ServingError(
+                422,
+                f"box {box!r} must satisfy 0 <= x0 < x1 <= {w} and 0 <= y0 < y1 <= {h} "
+                f"(pixels of the {w}x{h} uploaded image, after EXIF rotation)",
+            )
+        return [x0, y0, x1, y1]
+
+    def _check_source(
+        self, task: Task | None, fields: dict, instruction: str | None, size: tuple[int, int], predictor: Any
+    ) -> None:
+        """Build the encoder source as the predictor will, to refuse missing fields and long inputs early."""
+        if task is not None:
+            missing = [f for f in task.fields if fields.get(f) is None]
+            if missing:
+                raise ServingError(
+                    422, f"task {task.name} needs field(s) {missing}; GET /v1/tasks lists each task's fields"
+                )
+        try:
+            if task is not None:
+                source = task.source({**fields, "task": task.name}, size, predictor.vocab)
+            else:
+                source = instruction_source(instruction or "")
+        except (KeyError, ValueError) as e:
+            raise ServingError(422, str(e).strip("'\"")) from None
+        n = len(predictor.vocab.encode(source))
+        limit = self.config.max_instruction_tokens
+        if n > limit:
+            raise limit_error(
+                422, "max_instruction_tokens", f"the instruction is {n} tokens; at most {limit}"
+            )
+
+    async def _generate(self, engine: EngineClient, request: Request) -> dict:
+        cfg = self.config
+        retry = {"Retry-After": str(cfg.retry_after_s)}
+        try:
+            return await engine.generate(request, cfg.request_timeout_s)
+        except QueueFullError as e:
+            raise limit_error(
+                503,
+                "max_queue_depth",
+                f"the queue is full ({e}); retry later",
+                type="unavailable",
+                headers=retry,
+            ) from None
+        except EngineTimeoutError:
+            raise limit_error(
+                504, "request_timeout_s", f"no answer within {cfg.request_timeout_s:g} s", type="timeout"
+            ) from None
+        except ShuttingDownError as e:
+            raise ServingError(503, str(e), type="unavailable", headers=retry) from None
+        except ValueError as e:  # the predictor's own input checks
+            raise ServingError(422, str(e)) from None
+        except Exception:
+            logger.exception("the model failed on a request")
+            raise ServingError(
+                500, "the model failed on this request; see the server log", type="internal_error"
+            ) from None
+
+    async def _outcome(
+        self, result: dict, size: tuple[int, int] | None, candidates: list[str] | None
+    ) -> Outcome:
+        result = dict(result)
+        image = result.pop("image", None)
+        if image is None:
+            return Outcome(result, size)
+        return Outcome(result, size, await asyncio.to_thread(png_bytes, image), image.size)
+
+    # -- /v1/tasks ---------------------------------------------------------------------------------
+
+    def tasks(self) -> p.TaskList:
+        engine = self.state.engine
+        has_vq = engine is not None and engine.predictor.vq is not None
+        templates = load_templates()
+        out = []
+        for name in list_tasks():
+            spec = templates[name]
+            out.append(
+                p.TaskInfo(
+                    name=name,
+                    endpoint=TASK_ENDPOINTS.get(name),
+                    fields=list(spec["fields"]),
+                    output=spec["output"],
+                    labels=list(spec["labels"]) if "labels" in spec else None,
+                    template=spec["template"],
+                    needs_image=name not in NO_IMAGE_TASKS,
+                    available=spec["output"] != "codes" or has_vq,
+                )
+            )
+        return p.TaskList(tasks=out)
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Result -> task-shaped response
+
+
+def _common(o: Outcome) -> dict[str, Any]:
+    r = o.result
+    return {
+        "text": r.get("text", ""),
+        "tokens": list(r.get("tokens", [])),
+        "score": r.get("score"),
+        "parse_error": r.get("parse_error"),
+        "image_size": list(o.image_size) if o.image_size else None,
+    }
+
+
+def _closed(o: Outcome) -> dict[str, Any]:
+    return {"probability": o.result.get("probability"), "probabilities": o.result.get("probabilities")}
+
+
+def caption_response(o: Outcome) -> p.CaptionResponse:
+    return p.CaptionResponse(
+        **_common(o), caption=None if "parse_error" in o.result else o.result.get("text")
+    )
+
+
+def vqa_response(o: Outcome) -> p.VQAResponse:
+    return p.VQAResponse(**_common(o), **_closed(o), answer=o.result.get("answer"))
+
+
+def grounding_response(o: Outcome) -> p.GroundingResponse:
+    return p.GroundingResponse(**_common(o), box=o.result.get("box"))
+
+
+def grounded_caption_response(o: Outcome) -> p.GroundedCaptionResponse:
+    return p.GroundedCaptionResponse(
+        **_common(o), caption=None if "parse_error" in o.result else o.result.get("text")
+    )
+
+
+def itm_response(o: Outcome) -> p.ITMResponse:
+    answer = o.result.get("answer")
+    return p.ITMResponse(
+        **_common(o), **_closed(o), answer=answer, match=None if answer is None else answer == "yes"
+    )
+
+
+def detection_response(o: Outcome) -> p.DetectionResponse:
+    objects = o.result.get("objects")
+    return p.DetectionResponse(
+        **_common(o), objects=None if objects is None else [p.DetectedObject(**obj) for obj in objects]
+    )
+
+
+def text_infilling_response(o: Outcome) -> p.TextInfillingResponse:
+    return p.TextInfillingResponse(
+        **_common(o), filled_text=None if "parse_error" in o.result else o.result.get("text")
+    )
+
+
+def visual_entailment_response(o: Outcome) -> p.VisualEntailmentResponse:
+    return p.VisualEntailmentResponse(**_common(o), **_closed(o), answer=o.result.get("answer"))
+
+
+def image_response(o: Outcome) -> p.ImageOutput:
+    width, height = o.png_size or (None, None)
+    return p.ImageOutput(
+        **_common(o),
+        image=base64.b64encode(o.png).decode("ascii") if o.png is not None else None,
+        width=width,
+        height=height,
+        codes=o.result.get("codes"),
+    )
+
+
+def generate_response(o: Outcome) -> p.GenerateResponse:
+    common = {"text", "tokens", "score", "parse_error", "probability", "probabilities", "task"}
+    return p.GenerateResponse(
+        **_common(o),
+        **_closed(o),
+        task=o.result.get("task"),
+        result={k: v for k, v in o.result.items() if k not in common},
+        image=base64.b64encode(o.png).decode("ascii") if o.png is not None else None,
+    )

@@ -1,0 +1,304 @@
+"""HTTP wiring only: read the body (JSON or multipart), call a handler, return its model.
+
+Every image endpoint accepts `application/json` (image as base64 or a data: URI) and
+`multipart/form-data` (image as a file), so the body is read by hand and documented through
+`openapi_extra`; the logic lives in handlers.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import types
+import typing
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ValidationError
+from starlette.datastructures import UploadFile
+
+from serving import handlers as h
+from serving import protocol as p
+
+router = APIRouter()
+OutputFormat = Literal["json", "png"]
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    413: {"model": p.ErrorResponse, "description": "image bytes or pixels over the limit"},
+    415: {"model": p.ErrorResponse, "description": "not an image, or an unsupported one"},
+    422: {"model": p.ErrorResponse, "description": "invalid request (the message names the field or limit)"},
+    503: {
+        "model": p.ErrorResponse,
+        "description": "not ready, queue full or shutting down (see Retry-After)",
+    },
+    504: {"model": p.ErrorResponse, "description": "no answer within request_timeout_s"},
+}
+IMAGE_ERRORS = {**ERRORS, 501: {"model": p.ErrorResponse, "description": "checkpoint has no VQ tokenizer"}}
+
+
+def _handlers(request: Request) -> h.Handlers:
+    return request.app.state.handlers
+
+
+# ---------------------------------------------------------------------------------------------------
+# Body parsing
+
+
+def validation_message(errors: list[dict[str, Any]]) -> str:
+    """'field: problem; field: problem' from pydantic errors (no input echo, no internals)."""
+    parts = []
+    for err in errors:
+        loc = ".".join(str(x) for x in err.get("loc", ()) if x not in ("body", "query"))
+        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts) or "invalid request"
+
+
+def _kind(annotation: Any) -> str:
+    """'list', 'dict', 'str' or 'scalar': how a form field's text becomes a value."""
+    args = (
+        typing.get_args(annotation)
+        if typing.get_origin(annotation) in (typing.Union, types.UnionType)
+        else (annotation,)
+    )
+    args = tuple(typing.get_args(a)[0] if typing.get_origin(a) is typing.Annotated else a for a in args)
+    origins = {typing.get_origin(a) or a for a in args}
+    if list in origins:
+        return "list"
+    if dict in origins:
+        return "dict"
+    return "str" if str in origins else "scalar"
+
+
+def _form_value(model: type[BaseModel], key: str, values: list[Any]) -> Any:
+    info = model.model_fields.get(key)
+    kind = _kind(info.annotation) if info is not None else "str"
+    texts = [v for v in values if isinstance(v, str)]
+    if len(texts) != len(values):
+        raise h.ServingError(422, f"{key}: expected a form value, got a file")
+    try:
+        if kind == "list":
+            if len(texts) == 1 and texts[0].lstrip().startswith("["):
+                return json.loads(texts[0])
+            return texts
+        if kind == "dict":
+            return json.loads(texts[0]) if texts[0].strip() else {}
+    except json.JSONDecodeError as e:
+        raise h.ServingError(422, f"{key}: not valid JSON ({e.msg})") from None
+    if len(texts) > 1:
+        raise h.ServingError(422, f"{key}: given {len(texts)} times, expected once")
+    return texts[0]
+
+
+async def read_body(request: Request, model: type[BaseModel]) -> tuple[Any, bytes | str | None]:
+    """The validated request model and the raw image (upload bytes, or the JSON base64 string)."""
+    ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    if ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        form = await request.form()
+        try:
+            data: dict[str, Any] = {}
+            image: bytes | str | None = None
+            for key in dict.fromkeys(form.keys()):
+                values = form.getlist(key)
+                if key == "image" and "image" in model.model_fields:
+                    first = values[0]
+                    image = await first.read() if isinstance(first, UploadFile) else first
+                    continue
+                value = "<file>" if key == "image" else _form_value(model, key, values)  # extra: refused
+                info = model.model_fields.get(key)
+                if value == "" and info is not None and _kind(info.annotation) == "scalar":
+                    continue  # an empty optional form field (as HTML forms send) means unset
+                data[key] = value
+        finally:
+            await form.close()
+        try:
+            return model.model_validate(data), image
+        except ValidationError as e:
+            raise h.ServingError(422, validation_message(e.errors())) from None
+    if ctype == "application/json" or ctype.endswith("+json"):
+        raw = await request.body()
+        if not raw.strip():
+            raise h.ServingError(422, "empty body: send a JSON object or multipart/form-data")
+        try:
+            body = model.model_validate_json(raw)
+        except ValidationError as e:
+            raise h.ServingError(422, validation_message(e.errors())) from None
+        return body, getattr(body, "image", None)
+    raise h.ServingError(
+        415,
+        f"unsupported Content-Type {ctype!r}: send application/json or multipart/form-data",
+        type="unsupported_media_type",
+    )
+
+
+def body_doc(model: type[BaseModel]) -> dict[str, Any]:
+    """OpenAPI requestBody listing both encodings (the image is a file in multipart)."""
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    content: dict[str, Any] = {"application/json": {"schema": schema}}
+    if "image" in schema.get("properties", {}):
+        form = copy.deepcopy(schema)
+        form["properties"]["image"] = {"type": "string", "format": "binary", "description": "the image file"}
+        content["multipart/form-data"] = {"schema": form}
+    return {"requestBody": {"required": True, "content": content}}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Task endpoints
+
+
+def png_response(o: h.Outcome) -> Response:
+    if o.png is None:
+        raise h.ServingError(
+            500,
+            f"the model's output is not a valid image: {o.result.get('parse_error')}",
+            type="model_output_error",
+        )
+    headers = {} if o.result.get("score") is None else {"X-Score": f"{o.result['score']:.6g}"}
+    return Response(o.png, media_type="image/png", headers=headers)
+
+
+def _task_route(
+    path: str,
+    task: str,
+    model: type[p.GenerationOptions],
+    build: Callable[[h.Outcome], BaseModel],
+    summary: str,
+    image_output: bool = False,
+) -> None:
+    async def run(request: Request) -> h.Outcome:
+        body, image = await read_body(request, model)
+        return await _handlers(request).run(task, body, image, candidates=getattr(body, "candidates", None))
+
+    endpoint: Callable[..., Awaitable[Any]]
+    if image_output:
+
+        async def endpoint(
+            request: Request,
+            format: OutputFormat = Query("json", description="'png' returns the image itself (image/png)"),
+        ) -> Any:
+            outcome = await run(request)
+            return png_response(outcome) if format == "png" else build(outcome)
+
+    else:
+
+        async def endpoint(request: Request) -> Any:
+            return build(await run(request))
+
+    endpoint.__name__ = task
+    responses = {**IMAGE_ERRORS, 200: {"content": {"image/png": {}}}} if image_output else ERRORS
+    router.add_api_route(
+        path,
+        endpoint,
+        methods=["POST"],
+        response_model=typing.get_type_hints(build)["return"],
+        summary=summary,
+        description=(model.__doc__ or "").strip() or summary,
+        responses=responses,
+        openapi_extra=body_doc(model),
+        tags=["tasks"],
+    )
+
+
+_task_route("/v1/caption", "caption", p.CaptionRequest, h.caption_response, "Caption the image")
+_task_route("/v1/vqa", "vqa", p.VQARequest, h.vqa_response, "Answer a question about the image")
+_task_route(
+    "/v1/grounding", "grounding", p.GroundingRequest, h.grounding_response, "Find the region a text describes"
+)
+_task_route(
+    "/v1/grounded-caption",
+    "grounded_caption",
+    p.GroundedCaptionRequest,
+    h.grounded_caption_response,
+    "Describe a region of the image",
+)
+_task_route("/v1/itm", "itm", p.ITMRequest, h.itm_response, "Does the text match the image? (yes/no)")
+_task_route("/v1/detection", "detection", p.DetectionRequest, h.detection_response, "Detect the objects")
+_task_route(
+    "/v1/text-infilling",
+    "text_infilling",
+    p.TextInfillingRequest,
+    h.text_infilling_response,
+    "Fill in <mask> spans",
+)
+_task_route(
+    "/v1/image-infilling",
+    "image_infilling",
+    p.ImageInfillingRequest,
+    h.image_response,
+    "Redraw the middle of the image",
+    image_output=True,
+)
+_task_route(
+    "/v1/image-generation",
+    "text_to_image",
+    p.ImageGenerationRequest,
+    h.image_response,
+    "Draw an image from a caption",
+    image_output=True,
+)
+_task_route(
+    "/v1/visual-entailment",
+    "visual_entailment",
+    p.VisualEntailmentRequest,
+    h.visual_entailment_response,
+    "Does the image and text1 imply text2? (yes/no/maybe)",
+)
+
+
+@router.post(
+    "/v1/generate",
+    response_model=p.GenerateResponse,
+    responses=IMAGE_ERRORS,
+    openapi_extra=body_doc(p.GenerateRequest),
+    tags=["generate"],
+)
+async def generate(request: Request) -> p.GenerateResponse:
+    """Any task by name with its fields, or a free instruction; `candidates` switches on trie decoding."""
+    body, image = await read_body(request, p.GenerateRequest)
+    outcome = await _handlers(request).run(
+        body.task, body, image, instruction=body.instruction, candidates=body.candidates, check_fields=True
+    )
+    return h.generate_response(outcome)
+
+
+@router.get("/v1/tasks", response_model=p.TaskList, tags=["generate"])
+async def tasks(request: Request) -> p.TaskList:
+    """Every task, its fields (from instructions/templates.json) and its endpoint."""
+    return _handlers(request).tasks()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Operations
+
+
+@router.get("/healthz", response_model=p.Status, tags=["ops"])
+async def healthz(request: Request) -> Any:
+    """The process is up (503 only if the model failed to load)."""
+    state: h.ServerState = request.app.state.serving
+    if state.error:
+        return JSONResponse(p.Status(status="failed", detail=state.error).model_dump(), status_code=503)
+    return p.Status(status="ok")
+
+
+@router.get("/readyz", response_model=p.Status, responses={503: {"model": p.Status}}, tags=["ops"])
+async def readyz(request: Request) -> Any:
+    """The model is loaded and warmed up, and the server is not shutting down."""
+    state: h.ServerState = request.app.state.serving
+    if state.ready and not state.draining:
+        return p.Status(status="ready")
+    status = "draining" if state.draining else "failed" if state.error else "loading"
+    return JSONResponse(
+        p.Status(status=status, detail=state.error).model_dump(),
+        status_code=503,
+        headers={"Retry-After": str(state.config.retry_after_s)},
+    )
+
+
+@router.get("/metrics", tags=["ops"], response_class=Response)
+async def metrics(request: Request) -> Response:
+    """Prometheus text format."""
+    state: h.ServerState = request.app.state.serving
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
