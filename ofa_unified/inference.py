@@ -91,9 +91,11 @@ class Predictor:
         return cls(loaded.model, loaded.vocab, device=device, vq=vq, **kwargs)
 
     def code_grid(self, task: str) -> int:
-        """Side of the code grid an image task writes: the middle half for infilling, else the whole image."""
-        pixels = self.image_size // 2 if task == "image_infilling" else self.image_size
-        return pixels // self.vq.config.downsample
+        """Side of the code grid an image task writes: infilling the middle half of the input image,
+        text-to-image the model's `code_grid_size` (its decoder positions cover that grid)."""
+        if task == "image_infilling":
+            return (self.image_size // 2) // self.vq.config.downsample
+        return self.model.config.code_grid_size
 
     # -- request preparation -------------------------------------------------------------------
 
