@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from pathlib import Path
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see ofa_unified/__init__.py
 
-from ofa_unified.generate import GenerationConfig, generate
-from ofa_unified.model import build_model
+import torch  # noqa: E402
+
+from ofa_unified.generate import GenerationConfig, generate  # noqa: E402
+from ofa_unified.model import build_model  # noqa: E402
 
 
 class RecomputeCache:
