@@ -123,6 +123,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
             loaded.vocab,
             args.out,
             extra={"converted_from": str(args.src), "source_format": loaded.format},
+            dtype=getattr(torch, args.dtype),
         )
     print(
         json.dumps(
@@ -184,6 +185,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("src", type=Path)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--to", choices=("own", "hf"), default="own")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "float16", "bfloat16"),
+        default="float32",
+        help="storage type of floating tensors in the project format (float16 halves the size)",
+    )
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("shapes", help="write shapes-world images and annotations")

@@ -63,8 +63,18 @@ class CheckpointError(ValueError):
 # Own format
 
 
-def save_checkpoint(model: OFAModel, vocab: Vocab, directory: str | Path, extra: dict | None = None) -> Path:
-    """Write weights, config and tokenizer into `directory`, replacing it only once all is written."""
+def save_checkpoint(
+    model: OFAModel,
+    vocab: Vocab,
+    directory: str | Path,
+    extra: dict | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write weights, config and tokenizer into `directory`, replacing it only once all is written.
+
+    `dtype` stores floating tensors in a smaller type (e.g. float16 halves a bundled model); loading
+    casts them back to the model's parameters' type.
+    """
     directory = Path(directory)
     if len(vocab) != model.config.vocab_size:
         raise CheckpointError(
@@ -74,6 +84,8 @@ def save_checkpoint(model: OFAModel, vocab: Vocab, directory: str | Path, extra:
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in TIED}
+        if dtype is not None:
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         save_file(state, str(tmp / WEIGHTS))
         meta = {"format": FORMAT, **model.config.to_dict(), **({"meta": extra} if extra else {})}
         (tmp / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")

@@ -190,3 +190,15 @@ def test_not_a_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "nope")
     assert pickle  # module used for the malicious pickle test's protocol
+
+
+def test_half_precision_storage_halves_size_and_loads(tmp_path):
+    vocab, model = tiny_vocab_and_model(tmp_path)
+    full = save_checkpoint(model, vocab, tmp_path / "fp32")
+    half = save_checkpoint(model, vocab, tmp_path / "fp16", dtype=torch.float16)
+    ratio = (half / "model.safetensors").stat().st_size / (full / "model.safetensors").stat().st_size
+    assert 0.45 < ratio < 0.55
+    loaded = load_checkpoint(half).model
+    assert next(loaded.parameters()).dtype == torch.float32
+    ref = model.state_dict()["decoder.layers.0.fc1.weight"]
+    torch.testing.assert_close(loaded.state_dict()["decoder.layers.0.fc1.weight"], ref, atol=1e-3, rtol=1e-3)
