@@ -49,6 +49,7 @@ def parse_box(text: str) -> list[float]:
 def cmd_predict(args: argparse.Namespace) -> None:
     from ofa_unified.data.preprocess import ImageError, load_image
     from ofa_unified.inference import Predictor, Request
+    from ofa_unified.vocab import TokenizerMissingError
 
     if (args.task is None) == (args.instruction is None):
         raise SystemExit("give --task NAME or --instruction TEXT (exactly one)")
@@ -71,11 +72,11 @@ def cmd_predict(args: argparse.Namespace) -> None:
             do_sample=True, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature, seed=args.seed
         )
     candidates = [c.strip() for c in args.candidates.split(",")] if args.candidates else None
-    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device)
+    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, image_size=args.image_size)
     request = Request(image, args.task, fields, args.instruction, candidates, options)
     try:
         result = predictor.predict([request])[0]
-    except ValueError as e:
+    except (ValueError, TokenizerMissingError) as e:
         raise SystemExit(f"error: {e}") from None
     picture = result.pop("image", None)
     if picture is not None:
@@ -171,6 +172,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int)
     p.add_argument("--out-image", help="where image outputs go (default TASK.png)")
+    p.add_argument(
+        "--image-size", type=int, help="model input side (default: the checkpoint's patch_image_size)"
+    )
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_predict)
 

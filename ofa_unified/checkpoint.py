@@ -266,7 +266,8 @@ def _hf_to_config(raw: dict, where: Path) -> OFAConfig:
         decoder_drop_path_rate=raw.get("decoder_drop_path_rate", 0.0),
         resnet_drop_path_rate=raw.get("resnet_drop_path_rate", 0.0),
         patch_image_size=raw.get("patch_image_size", 480),
-        prompt_type=raw.get("prompt_type", "prev_output"),
+        # The HF-port releases are the pretrained models: plain bos-started decoding unless told otherwise.
+        prompt_type=raw.get("prompt_type", "none"),
     )
 
 
@@ -342,7 +343,7 @@ def _load_fairseq(path: Path) -> Loaded:
     if isinstance(code_size, int):
         fixed["code_grid_size"] = code_size // 8
     prompt = task_cfg.get("prompt_type") or model_cfg.get("prompt_type")
-    fixed["prompt_type"] = "prev_output" if prompt in (None, "prev_output") else "none"
+    fixed["prompt_type"] = "prev_output" if prompt == "prev_output" else "none"
     config = config_from_state(state, **fixed)
     model = OFAModel(config)
     load_state(model, state, source=str(path))
@@ -358,8 +359,13 @@ class ConfigObject:
 
     qualname = "ConfigObject"
 
+    def __new__(cls, *args, **kwargs):  # pickle may build it with __new__ alone (NEWOBJ, no state)
+        obj = super().__new__(cls)
+        obj.args, obj.kwargs, obj.state = args, dict(kwargs), None
+        return obj
+
     def __init__(self, *args, **kwargs):
-        self.args, self.kwargs, self.state = args, kwargs, None
+        pass
 
     def __setstate__(self, state):
         self.state = state
@@ -397,9 +403,7 @@ def _reconstruct(cls, base, state):
     """copyreg._reconstructor, but only for stand-in config classes."""
     if not (isinstance(cls, type) and issubclass(cls, ConfigObject)):
         raise pickle.UnpicklingError(f"refusing to reconstruct {cls!r}")
-    obj = cls.__new__(cls)
-    ConfigObject.__init__(obj)
-    return obj
+    return cls.__new__(cls)
 
 
 class _RestrictedUnpickler(pickle.Unpickler):

@@ -31,6 +31,7 @@ from ofa_unified.data.preprocess import (
 from ofa_unified.generate import GenerationConfig
 from ofa_unified.inference import FREE_DEFAULTS, VQ_DIR, Request
 from ofa_unified.tasks import Task, UnknownTaskError, get_task, instruction_source, list_tasks, load_templates
+from ofa_unified.vocab import TokenizerMissingError
 from serving import protocol as p
 from serving.config import ServeConfig
 from serving.engine import (
@@ -311,7 +312,10 @@ class Handlers:
                 source = instruction_source(instruction or "")
         except (KeyError, ValueError) as e:
             raise ServingError(422, str(e).strip("'\"")) from None
-        n = len(predictor.vocab.encode(source))
+        try:
+            n = len(predictor.vocab.encode(source))
+        except TokenizerMissingError as e:  # official weights loaded without their tokenizer files
+            raise ServingError(501, str(e)) from None
         limit = self.config.max_instruction_tokens
         if n > limit:
             raise limit_error(

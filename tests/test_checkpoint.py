@@ -202,3 +202,67 @@ def test_half_precision_storage_halves_size_and_loads(tmp_path):
     assert next(loaded.parameters()).dtype == torch.float32
     ref = model.state_dict()["decoder.layers.0.fc1.weight"]
     torch.testing.assert_close(loaded.state_dict()["decoder.layers.0.fc1.weight"], ref, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(resnet_layers=[3, 4, 23], encoder_layers=1, decoder_layers=2, encoder_heads=8, decoder_heads=2),
+        dict(d_model=96, encoder_ffn_dim=80, decoder_ffn_dim=48, vocab_size=333, encoder_layers=2),
+    ],
+)
+def test_any_config_round_trips_through_hf_and_fairseq(tmp_path, overrides):
+    """Export to the HF-port layout and to fairseq names, re-import, identical logits (non-square image)."""
+    cfg = dict(
+        vocab_size=500,
+        d_model=64,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_heads=2,
+        decoder_heads=2,
+        encoder_ffn_dim=96,
+        decoder_ffn_dim=96,
+        resnet_layers=[3, 4, 6],
+        resnet_width=64,
+    )
+    torch.manual_seed(0)
+    model = build_model({**cfg, **overrides}).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    vocab = Vocab.without_text(model.config.vocab_size - 1, 0, 0)
+    ids = torch.randint(4, 300, (2, 6))
+    img = torch.randn(2, 3, 96, 160)
+    dec = torch.randint(4, 300, (2, 5))
+    hf = export_hf(model, vocab, tmp_path / "hf")
+    state = load_file(str(hf / "model.safetensors"))
+    pt = tmp_path / "model.pt"
+    torch.save({"model": {hf_to_fairseq(k): v for k, v in state.items()}, "args": argparse.Namespace()}, pt)
+    with torch.no_grad():
+        want, _ = model(ids, dec, img)
+        for path in (hf, pt):
+            got, _ = load_checkpoint(path).model(ids, dec, img)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_converted_reference_decodes_incrementally(reference_dir, tmp_path):
+    model = load_checkpoint(hf_dir(reference_dir, tmp_path)).model
+    inputs = load_file(str(reference_dir / "inputs.safetensors"))
+    dec = inputs["decoder_input_ids"]
+    with torch.no_grad():
+        enc = model.encode(inputs["input_ids"], inputs["patch_images"], inputs["patch_masks"])
+        full, _ = model.decode(dec, enc, use_cache=False)
+        cache, steps = None, []
+        for t in range(dec.size(1)):
+            logits, cache = model.decode(dec[:, t : t + 1], enc, cache)
+            steps.append(logits)
+    assert (full - torch.cat(steps, dim=1)).abs().max() < 1e-4
+
+
+def test_official_weights_without_tokenizer_refuse_text(reference_dir, tmp_path):
+    from ofa_unified.vocab import TokenizerMissingError
+
+    loaded = load_checkpoint(hf_dir(reference_dir, tmp_path))
+    assert len(loaded.vocab) == loaded.model.config.vocab_size
+    with pytest.raises(TokenizerMissingError, match="vocab.json"):
+        loaded.vocab.encode(" what does the image describe?")
