@@ -90,6 +90,7 @@ def save_checkpoint(
         meta = {"format": FORMAT, **model.config.to_dict(), **({"meta": extra} if extra else {})}
         (tmp / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
         vocab.save(tmp)
+        _make_readable(tmp)
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -101,6 +102,15 @@ def save_checkpoint(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return directory
+
+
+def _make_readable(directory: Path) -> None:
+    """mkdtemp makes a private (0700) directory; a checkpoint should read like any other files."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(directory, 0o777 & ~umask)
+    for path in directory.iterdir():
+        os.chmod(path, 0o666 & ~umask)
 
 
 @dataclass
