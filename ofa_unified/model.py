@@ -293,34 +293,26 @@ def masked(bias: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 # Encoder and decoder
 
 
-class Encoder(nn.Module):
-    def __init__(self, cfg: OFAConfig, embed_tokens: nn.Embedding):
+class Stack(nn.Module):
+    """What encoder and decoder share: token embedding (tied), 1D/2D absolute positions with their
+    LayerNorms, one relative-position table per layer, the final LayerNorm."""
+
+    def __init__(self, cfg: OFAConfig, embed_tokens: nn.Embedding, layers: int, heads: int):
         super().__init__()
-        d, n = cfg.d_model, cfg.encoder_layers
+        d = cfg.d_model
         self.cfg = cfg
         self.embed_tokens = embed_tokens
-        self.type_embedding = nn.Embedding(2, d)
         self.layernorm_embedding = nn.LayerNorm(d)
-        self.embed_images = ResNet(cfg.resnet_layers, cfg.resnet_width, cfg.resnet_drop_path_rate)
-        self.image_proj = nn.Linear(self.embed_images.out_channels, d)
-        self.patch_layernorm_embedding = nn.LayerNorm(d)
         self.embed_positions = nn.Embedding(cfg.max_positions + 2, d)
         self.embed_image_positions = nn.Embedding(cfg.image_bucket_size**2 + 1, d)
         self.pos_ln = nn.LayerNorm(d)
         self.image_pos_ln = nn.LayerNorm(d)
-        self.pos_q_linear = nn.Linear(d, d)
-        self.pos_k_linear = nn.Linear(d, d)
-        rates = linspace(cfg.encoder_drop_path_rate, n)
-        self.layers = nn.ModuleList(
-            EncoderLayer(cfg, cfg.encoder_heads, cfg.encoder_ffn_dim, rates[i]) for i in range(n)
-        )
         self.layer_norm = nn.LayerNorm(d)
-        heads = cfg.encoder_heads
         self.token_rel_pos_table_list = nn.ModuleList(
-            nn.Embedding(2 * cfg.token_bucket_size - 1, heads) for _ in range(n)
+            nn.Embedding(2 * cfg.token_bucket_size - 1, heads) for _ in range(layers)
         )
         self.image_rel_pos_table_list = nn.ModuleList(
-            nn.Embedding((2 * cfg.image_bucket_size - 1) ** 2 + 3, heads) for _ in range(n)
+            nn.Embedding((2 * cfg.image_bucket_size - 1) ** 2 + 3, heads) for _ in range(layers)
         )
         self.register_buffer(
             "token_rp_bucket",
@@ -331,6 +323,22 @@ class Encoder(nn.Module):
             "image_rp_bucket", image_bucket_positions(cfg.image_bucket_size), persistent=False
         )
         self.dropout = nn.Dropout(cfg.dropout)
+
+
+class Encoder(Stack):
+    def __init__(self, cfg: OFAConfig, embed_tokens: nn.Embedding):
+        super().__init__(cfg, embed_tokens, cfg.encoder_layers, cfg.encoder_heads)
+        d = cfg.d_model
+        self.type_embedding = nn.Embedding(2, d)
+        self.embed_images = ResNet(cfg.resnet_layers, cfg.resnet_width, cfg.resnet_drop_path_rate)
+        self.image_proj = nn.Linear(self.embed_images.out_channels, d)
+        self.patch_layernorm_embedding = nn.LayerNorm(d)
+        self.pos_q_linear = nn.Linear(d, d)
+        self.pos_k_linear = nn.Linear(d, d)
+        rates = linspace(cfg.encoder_drop_path_rate, cfg.encoder_layers)
+        self.layers = nn.ModuleList(
+            EncoderLayer(cfg, cfg.encoder_heads, cfg.encoder_ffn_dim, rate) for rate in rates
+        )
 
     def forward(
         self,
@@ -381,48 +389,24 @@ class Encoder(nn.Module):
         return EncoderOutput(self.layer_norm(x), padding, pos)
 
 
-class Decoder(nn.Module):
+class Decoder(Stack):
     def __init__(self, cfg: OFAConfig, embed_tokens: nn.Embedding):
-        super().__init__()
-        d, n = cfg.d_model, cfg.decoder_layers
-        self.cfg = cfg
-        self.embed_tokens = embed_tokens
-        self.layernorm_embedding = nn.LayerNorm(d)
+        super().__init__(cfg, embed_tokens, cfg.decoder_layers, cfg.decoder_heads)
+        d = cfg.d_model
         self.code_layernorm_embedding = nn.LayerNorm(d)
-        self.embed_positions = nn.Embedding(cfg.max_positions + 2, d)
-        self.embed_image_positions = nn.Embedding(cfg.image_bucket_size**2 + 1, d)
-        self.pos_ln = nn.LayerNorm(d)
-        self.image_pos_ln = nn.LayerNorm(d)
         self.self_pos_q_linear = nn.Linear(d, d)
         self.self_pos_k_linear = nn.Linear(d, d)
         self.cross_pos_q_linear = nn.Linear(d, d)
         self.cross_pos_k_linear = nn.Linear(d, d)
-        rates = linspace(cfg.decoder_drop_path_rate, n)
+        rates = linspace(cfg.decoder_drop_path_rate, cfg.decoder_layers)
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, cfg.decoder_heads, cfg.decoder_ffn_dim, rates[i]) for i in range(n)
-        )
-        self.layer_norm = nn.LayerNorm(d)
-        heads = cfg.decoder_heads
-        self.token_rel_pos_table_list = nn.ModuleList(
-            nn.Embedding(2 * cfg.token_bucket_size - 1, heads) for _ in range(n)
-        )
-        self.image_rel_pos_table_list = nn.ModuleList(
-            nn.Embedding((2 * cfg.image_bucket_size - 1) ** 2 + 3, heads) for _ in range(n)
-        )
-        self.register_buffer(
-            "token_rp_bucket",
-            token_bucket_positions(cfg.token_bucket_size, cfg.max_positions),
-            persistent=False,
-        )
-        self.register_buffer(
-            "image_rp_bucket", image_bucket_positions(cfg.image_bucket_size), persistent=False
+            DecoderLayer(cfg, cfg.decoder_heads, cfg.decoder_ffn_dim, rate) for rate in rates
         )
         self.register_buffer(
             "image_position_idx",
             decoder_code_positions(cfg.code_grid_size, cfg.image_bucket_size),
             persistent=False,
         )
-        self.dropout = nn.Dropout(cfg.dropout)
 
     def position_biases(
         self, image: bool, past: int, total: int, enc: EncoderOutput

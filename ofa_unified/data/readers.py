@@ -77,10 +77,10 @@ from typing import Any, ClassVar
 from PIL import Image
 
 from ofa_unified.data.preprocess import DEFAULT_MAX_PIXELS, ImageError, load_image
+from ofa_unified.tasks import list_tasks
 
 __all__ = [
     "BOX_TOLERANCE",
-    "TASKS",
     "CocoCaptionReader",
     "CocoDetectionReader",
     "DataError",
@@ -97,18 +97,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-TASKS = (
-    "caption",
-    "vqa",
-    "grounding",
-    "grounded_caption",
-    "itm",
-    "detection",
-    "text_infilling",
-    "visual_entailment",
-    "image_infilling",
-    "text_to_image",
-)
 
 # Boxes may overshoot the image by this many pixels (rounding in annotation tools) and are then clamped;
 # anything further out is an error.
@@ -207,8 +195,8 @@ def validate_record(record: Mapping[str, Any]) -> dict:
         raise ValueError(f"a record must be a JSON object, got {type(record).__name__}")
     rec = dict(record)
     task = rec.get("task")
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(TASKS)}")
+    if task not in list_tasks():
+        raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(list_tasks())}")
     if task == "caption":
         if "captions" not in rec and isinstance(rec.get("caption"), str):
             rec["captions"] = [rec.pop("caption")]
