@@ -1,1 +1,2 @@
-"""Instruction templates as data: `templates.json` maps each task name to its template and decoding defaults."""
+"""Instruction templates as data: `templates.json` maps each task name to its template and decoding
+defaults."""

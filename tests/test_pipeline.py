@@ -36,9 +36,7 @@ def vocab(tmp_path_factory):
 @pytest.fixture(scope="module")
 def vq():
     torch.manual_seed(0)
-    cfg = VQConfig(
-        channels=4, channel_mult=(1, 1, 1, 1), num_res_blocks=(0, 0, 0, 0), codebook_size=16, code_dim=4
-    )
+    cfg = VQConfig(channels=4, num_res_blocks=0, patch_hidden=8, codebook_size=16, code_dim=4)
     return VQTokenizer(cfg).eval()  # 8x downsampling: a 32 px middle -> 4 x 4 codes
 
 

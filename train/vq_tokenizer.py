@@ -3,7 +3,7 @@
 Full run (about 12 minutes on 2 CPU cores):
     python train/vq_tokenizer.py --out checkpoints/vq --steps 3000 --threads 2
 
-Every VQConfig field is a flag (`--codebook-size 512`, `--channel-mult 1,2,4,4`, ...). The training
+Every VQConfig field is a flag (`--codebook-size 512`, `--channels 128`, ...). The training
 images are rendered once into a uint8 cache; each step takes random crops (the conv nets have no
 normalisation layers, so crops train the same weights that run on full images, 4x cheaper per
 sample at 64 px). `--resume` continues exactly from `train_state.pt` (model, optimizer, step, RNG
@@ -47,11 +47,13 @@ class TrainResult:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", default="checkpoints/vq", help="directory for weights, state and metrics")
     parser.add_argument("--steps", type=int, default=3000, help="total optimizer steps")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=2e-3, help="peak Adam lr (warmup, then cosine to 10%%)")
+    parser.add_argument("--lr", type=float, default=8e-4, help="peak Adam lr (warmup, then cosine to 10%%)")
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--crop-size", type=int, default=64, help="random training crop (0 = full image)")
@@ -63,25 +65,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     parser.add_argument("--ckpt-every", type=int, default=500)
     parser.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
-    parser.add_argument("--stop-after", type=int, default=0, help="checkpoint and exit at this step (0 = off)")
+    parser.add_argument(
+        "--stop-after", type=int, default=0, help="checkpoint and exit at this step (0 = off)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="disable the tqdm bar")
     config = parser.add_argument_group("model (VQConfig fields)")
     for f in dataclasses.fields(VQConfig):
         default = getattr(VQConfig(), f.name)
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(default, tuple):
-            config.add_argument(flag, type=_int_tuple, default=default, help=f"comma list (default {default})")
-        else:
-            config.add_argument(flag, type=type(default), default=default)
+        config.add_argument("--" + f.name.replace("_", "-"), type=type(default), default=default)
     return parser.parse_args(argv)
 
 
-def _int_tuple(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in text.split(","))
-
-
 def render_cache(split: str, n: int, image_size: int) -> torch.Tensor:
-    """n shapes images as uint8 [n, 3, S, S] (rendering is cheap, ~5 ms each; converting per batch is cheaper)."""
+    """n shapes images as uint8 [n, 3, S, S] (rendering ~5 ms each; converting per batch is cheaper)."""
     images = [np.asarray(sample(split, i, image_size)[0].convert("RGB"), dtype=np.uint8) for i in range(n)]
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
 

@@ -38,7 +38,6 @@ from torch.utils.data import Dataset, Sampler
 from ofa_unified.data import shapes
 from ofa_unified.data.preprocess import ImageTransform
 from ofa_unified.data.readers import BOX_TOLERANCE, DataError, open_dataset, validate_record
-from ofa_unified.data.readers import TASKS as READER_TASKS
 from ofa_unified.tasks import get_task, load_templates
 from ofa_unified.vocab import BOS, EOS, PAD, Vocab, train_sentencepiece
 from ofa_unified.vq import crop_middle, mask_middle, pil_to_tensor
@@ -107,8 +106,7 @@ def build_example(
 
 
 def _build(task, image, record, vocab, transform, rng, vq, image_size) -> Example:
-    if task.name in READER_TASKS:
-        record = validate_record(record)
+    record = validate_record(record)
     if not isinstance(image, Image.Image):
         raise ValueError(f"expected a PIL image, got {type(image).__name__}")
     size = image.size
