@@ -199,7 +199,6 @@ class VQTokenizer(nn.Module):
         self.encoder = Encoder(self.config)
         self.quantizer = VectorQuantizer(self.config)
         self.decoder = Decoder(self.config)
-        self.l1_weight = float(os.environ.get("VQ_L1", "1"))
         # Without normalisation layers, PyTorch's default conv init shrinks activations layer by layer;
         # He init keeps their scale (the zero-initialised residual convs stay zero).
         for module in self.modules():
@@ -223,13 +222,11 @@ class VQTokenizer(nn.Module):
         """
         z = self.encoder(images)
         quant, _, commit = self.quantizer(z)
-        if os.environ.get("VQ_NOQUANT"):
-            quant, commit = z, commit * 0
         recon = self.decoder(quant)
         l1 = F.l1_loss(recon, images)
         mse = F.mse_loss(recon, images)
         losses = {
-            "loss": self.l1_weight * l1 + mse + commit,
+            "loss": l1 + mse + commit,
             "l1": l1,
             "mse": mse,
             "commit": commit,

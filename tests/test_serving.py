@@ -51,9 +51,7 @@ def build_micro_checkpoint(root: Path, with_vq: bool = True) -> Path:
     torch.manual_seed(0)
     ckpt = save_checkpoint(build_model("micro", vocab_size=len(vocab)), vocab, root / "micro")
     if with_vq:
-        config = VQConfig(
-            channels=8, channel_mult=(1, 2, 2, 2), num_res_blocks=(0, 0, 0, 0), codebook_size=16, code_dim=8
-        )
+        config = VQConfig(channels=8, num_res_blocks=0, patch_hidden=8, codebook_size=16, code_dim=8)
         VQTokenizer(config).save(ckpt / "vq")
     return ckpt
 
