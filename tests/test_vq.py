@@ -169,7 +169,7 @@ def test_short_training_lowers_loss():
         optimizer.zero_grad()
         parts["loss"].backward()
         optimizer.step()
-        losses.append(float(parts["loss"]))
+        losses.append(parts["loss"].item())
     assert losses[-1] < 0.7 * losses[0]
 
 

@@ -1,15 +1,15 @@
 """Train the VQ image tokenizer on shapes-world images (CPU-sized).
 
-Full run (about 12 minutes on 2 CPU cores):
-    python train/vq_tokenizer.py --out checkpoints/vq --steps 3000 --threads 2
+Full run (~11-13 minutes on one core of the shared 2-core CPU; see the numbers in vq.py's docs):
+    python train/vq_tokenizer.py --out checkpoints/vq --steps 4500 --threads 1
 
-Every VQConfig field is a flag (`--codebook-size 512`, `--channels 128`, ...). The training
-images are rendered once into a uint8 cache; each step takes random crops (the conv nets have no
-normalisation layers, so crops train the same weights that run on full images, 4x cheaper per
-sample at 64 px). `--resume` continues exactly from `train_state.pt` (model, optimizer, step, RNG
-states); the model config then comes from the checkpoint. The run ends with an eval on val images:
-mean per-image PSNR and codebook usage, printed as JSON and written to `metrics.json` next to
-`vq.safetensors` / `vq_config.json`.
+Every VQConfig field is a flag (`--codebook-size 512`, `--channels 128`, ...). The training images
+are rendered once into a uint8 cache; each step takes random 64 px crops with flips (the tokenizer
+is fully convolutional, so crops train the same weights that run on full images, 4x cheaper per
+sample). `--resume` continues exactly from `train_state.pt` (model, optimizer, step, RNG states);
+the model config then comes from the checkpoint. The run ends with an eval on val images: mean
+per-image PSNR of decode(encode(x)) and the share of the K codes used, printed as JSON and written
+to `metrics.json` next to `vq.safetensors` / `vq_config.json`.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", default="checkpoints/vq", help="directory for weights, state and metrics")
-    parser.add_argument("--steps", type=int, default=3000, help="total optimizer steps")
+    parser.add_argument("--steps", type=int, default=4500, help="total optimizer steps")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=8e-4, help="peak Adam lr (warmup, then cosine to 10%%)")
     parser.add_argument("--warmup", type=int, default=100)
@@ -64,6 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     parser.add_argument("--ckpt-every", type=int, default=500)
+    parser.add_argument("--log-every", type=int, default=50, help="progress-bar refresh (steps)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
     parser.add_argument(
         "--stop-after", type=int, default=0, help="checkpoint and exit at this step (0 = off)"
@@ -179,15 +180,13 @@ def main(argv: list[str] | None = None) -> TrainResult:
         losses["loss"].backward()
         optimizer.step()
         step += 1
-        result.losses.append(float(losses["loss"]))
+        result.losses.append(losses["loss"].item())
         bar.update(1)
-        if step % 10 == 0 or step == end:
-            with torch.no_grad():
-                usage = model.codebook_usage(model.encode(images))
+        if step % args.log_every == 0 or step == end:
             bar.set_postfix(
-                loss=f"{float(losses['loss']):.4f}",
-                psnr=f"{float(losses['psnr']):.2f}",
-                usage=f"{usage:.2f}",
+                loss=f"{losses['loss'].item():.4f}",
+                psnr=f"{losses['psnr'].item():.2f}",
+                usage=f"{model.pop_usage():.2f}",  # codes chosen during the last log_every steps
                 restarts=model.num_restarts,
             )
         if step % args.ckpt_every == 0 or step == end:
