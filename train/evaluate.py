@@ -27,21 +27,14 @@ from PIL import Image
 from tqdm import tqdm
 
 from ofa_unified import metrics
+from ofa_unified.data.shapes import TASKS as SHAPES_TASKS
 from ofa_unified.data.shapes import VQA_ANSWERS, iter_samples, make_scene
 from ofa_unified.inference import Predictor, Request
 from ofa_unified.tasks import get_task, list_tasks
 
-TEXT_TASKS = [
-    "caption",
-    "vqa",
-    "grounding",
-    "grounded_caption",
-    "itm",
-    "detection",
-    "text_infilling",
-    "visual_entailment",
-]
-IMAGE_TASKS = ["image_infilling", "text_to_image"]
+# The tasks the shapes world gives ground truth for, split by whether the answer is an image.
+IMAGE_TASKS = [t for t in SHAPES_TASKS if get_task(t).output == "codes"]
+TEXT_TASKS = [t for t in SHAPES_TASKS if t not in IMAGE_TASKS]
 # Fields that hold the answer: kept out of the request so the model cannot see them.
 ANSWER_FIELDS = {"captions", "answers", "label", "objects", "target_codes"}
 
