@@ -52,7 +52,7 @@ class VQConfig:
     code_dim: int = 16
     beta: float = 0.25  # commitment weight
     ema_decay: float = 0.99
-    dead_code_steps: int = 20  # a code unused for this many training steps is restarted
+    dead_code_steps: int = 200  # a code unused for this many training steps is restarted
 
     def to_dict(self) -> dict:
         return asdict(self)
