@@ -69,7 +69,7 @@ import inspect
 import json
 import logging
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -646,6 +646,23 @@ def _ofa_objects(text: str) -> list[dict]:
     return objects
 
 
+def _coco_images(path: Path, data: Any) -> Generator[DataError, None, dict[Any, tuple[str, dict]]]:
+    """A COCO `images` table by id -> (location, entry); yields an error per bad entry, returns the table."""
+    images: dict[Any, tuple[str, dict]] = {}
+    for i, img in enumerate(_json_list(data, "images", path)):
+        location = _where(path, "images", i, img)
+        try:
+            _require(img, "id", "file_name")
+            _str(img, "file_name")
+            if img["id"] in images:
+                raise ValueError(f"duplicate image id {img['id']}")
+        except ValueError as e:
+            yield DataError(location, str(e))
+            continue
+        images[img["id"]] = (location, img)
+    return images
+
+
 class CocoCaptionReader(Reader):
     """COCO caption JSON -> one caption record per image with all of its captions."""
 
@@ -669,18 +686,7 @@ class CocoCaptionReader(Reader):
     def _entries(self) -> Iterator[Sample | DataError]:
         path = self.annotations
         data = _load_json(path)
-        images: dict[Any, tuple[str, dict]] = {}
-        for i, img in enumerate(_json_list(data, "images", path)):
-            location = _where(path, "images", i, img)
-            try:
-                _require(img, "id", "file_name")
-                _str(img, "file_name")
-                if img["id"] in images:
-                    raise ValueError(f"duplicate image id {img['id']}")
-            except ValueError as e:
-                yield DataError(location, str(e))
-                continue
-            images[img["id"]] = (location, img)
+        images = yield from _coco_images(path, data)
         captions: dict[Any, list[str]] = {}
         for i, ann in enumerate(_json_list(data, "annotations", path)):
             try:
@@ -913,18 +919,7 @@ class CocoDetectionReader(Reader):
                 raise DataError(
                     _where(path, "categories", i, cat), str(e)
                 ) from None  # every image depends on it
-        images: dict[Any, tuple[str, dict]] = {}
-        for i, img in enumerate(_json_list(data, "images", path)):
-            location = _where(path, "images", i, img)
-            try:
-                _require(img, "id", "file_name")
-                _str(img, "file_name")
-                if img["id"] in images:
-                    raise ValueError(f"duplicate image id {img['id']}")
-            except ValueError as e:
-                yield DataError(location, str(e))
-                continue
-            images[img["id"]] = (location, img)
+        images = yield from _coco_images(path, data)
         objects: dict[Any, list[dict]] = {image_id: [] for image_id in images}
         bad: dict[Any, DataError] = {}
         for i, ann in enumerate(_json_list(data, "annotations", path)):
