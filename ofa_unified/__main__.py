@@ -114,6 +114,8 @@ def cmd_forward(args: argparse.Namespace) -> None:
 
 def cmd_convert(args: argparse.Namespace) -> None:
     from ofa_unified.checkpoint import export_hf, load_checkpoint, save_checkpoint
+    from ofa_unified.vq import CONFIG_NAME as VQ_CONFIG
+    from ofa_unified.vq import VQTokenizer
 
     loaded = load_checkpoint(args.src)
     if args.to == "hf":
@@ -126,6 +128,9 @@ def cmd_convert(args: argparse.Namespace) -> None:
             extra={"converted_from": str(args.src), "source_format": loaded.format},
             dtype=getattr(torch, args.dtype),
         )
+        vq_dir = Path(args.src) / "vq"  # a bundled image tokenizer travels with the model
+        if (vq_dir / VQ_CONFIG).is_file():
+            VQTokenizer.load(vq_dir).save(Path(out) / "vq", dtype=getattr(torch, args.dtype))
     print(
         json.dumps(
             {"out": str(out), "from": loaded.format, "to": args.to, "params": loaded.model.num_parameters()}

@@ -280,11 +280,16 @@ class VQTokenizer(nn.Module):
     def decode_to_pil(self, codes: Tensor) -> list[Image.Image]:
         return [tensor_to_pil(x) for x in self.decode(codes)]
 
-    def save(self, directory: str | Path) -> None:
-        """Write `vq.safetensors` (weights + codebook state) and `vq_config.json`."""
+    def save(self, directory: str | Path, dtype: torch.dtype | None = None) -> None:
+        """Write `vq.safetensors` (weights + codebook state) and `vq_config.json`.
+
+        `dtype` stores floating tensors smaller (float16 halves a bundled tokenizer); `load` casts back.
+        """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        if dtype is not None:
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         # Temp names then rename, so a reader never sees a half-written file.
         save_file(state, str(directory / (WEIGHTS_NAME + ".tmp")))
         os.replace(directory / (WEIGHTS_NAME + ".tmp"), directory / WEIGHTS_NAME)

@@ -112,6 +112,14 @@ def test_training_lowers_the_loss_and_resume_repeats_it(tmp_path, vocab_dir):
         assert torch.equal(tensor, state["model"][key]), key
 
 
+def test_time_limit_stops_after_a_step_saves_and_can_resume(tmp_path, vocab_dir):
+    args = micro_args(tmp_path, vocab_dir, "--eval-generate", "0", "--eval-samples", "4")
+    stopped = multitask.main([*args, "--time-limit", "1e-9"])
+    assert stopped["step"] == 1 and "val_loss" in stopped["metrics"]  # evaluated at the stop
+    assert torch.load(tmp_path / "train_state.pt", weights_only=True)["step"] == 1
+    assert multitask.main(args)["step"] == 20  # the limit is a run-only field: resuming drops it
+
+
 def test_image_tasks_are_dropped_without_vq_and_eval_runs(tmp_path, vocab_dir, caplog):
     args = micro_args(
         tmp_path,

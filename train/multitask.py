@@ -88,6 +88,7 @@ DEFAULT_VQ = REPO / "checkpoints" / "vq"
 RUN_ONLY_FIELDS = (
     "resume",
     "stop_after",
+    "time_limit",
     "num_workers",
     "progress",
     "log_interval",
@@ -394,7 +395,7 @@ class MultitaskRecipe:
         device = self.cfg.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device == "cuda" and self.world_size > 1:
+        if device == "cuda":  # set_device needs an index, also for a single process
             device = f"cuda:{local_rank}"
         self.device = torch.device(device)
         if self.device.type == "cuda":
@@ -635,7 +636,7 @@ class MultitaskRecipe:
         batches = iter(self._loader())
         self.model.train()
         window: dict[str, float] = defaultdict(float)
-        tick = time.perf_counter()
+        tick = started = time.perf_counter()
         while self.step < last:
             stats = self._train_step(batches)
             self.step += 1
@@ -662,7 +663,10 @@ class MultitaskRecipe:
                 )
                 window.clear()
                 tick = time.perf_counter()
-            done = self.step == cfg.max_steps
+            done = self.step == cfg.max_steps or self._out_of_time(started)
+            # save before evaluating: an evaluation that fails must not cost the trained weights
+            if done or self.step == last or (cfg.save_interval and self.step % cfg.save_interval == 0):
+                self.save_checkpoint()
             if done or (cfg.eval_interval and self.step % cfg.eval_interval == 0):
                 self.evaluate()
                 if self.last_metrics:
@@ -670,9 +674,21 @@ class MultitaskRecipe:
                         f"step {self.step}: " + " ".join(f"{k}={v:.4g}" for k, v in self.last_metrics.items())
                     )
                 tick = time.perf_counter()  # evaluation time is not training throughput
-            if done or self.step == last or (cfg.save_interval and self.step % cfg.save_interval == 0):
-                self.save_checkpoint()
+            if done:
+                break
         bar.close()
+
+    def _out_of_time(self, started: float) -> bool:
+        """Whether `time_limit` minutes of training have passed (every rank decides alike)."""
+        if not self.cfg.time_limit:
+            return False
+        late = torch.tensor(float(time.perf_counter() - started > 60 * self.cfg.time_limit))
+        if self.world_size > 1:
+            late = late.to(self.device)
+            dist.all_reduce(late, op=dist.ReduceOp.MAX)
+        if late.item() and self.is_main:
+            logger.warning("time limit of %g minutes reached at step %d", self.cfg.time_limit, self.step)
+        return bool(late.item())
 
     def _log(self, record: dict) -> None:
         if self.is_main:

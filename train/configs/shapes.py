@@ -79,6 +79,8 @@ class TrainConfig:
     # "auto": continue when out_dir holds train_state.pt; "yes": require it; "no": start over
     resume: str = "auto"
     stop_after: int = 0  # save and stop at this step (split a run; tests use it to simulate a kill)
+    # minutes of training after which the run evaluates, saves and stops (0 = off); resumable later
+    time_limit: float = 0.0
     progress: bool = True  # tqdm bar
 
 
