@@ -109,6 +109,8 @@ class Predictor:
             raise ValueError(
                 f"task {task.name} writes image codes; this checkpoint has no VQ tokenizer ('{VQ_DIR}/')"
             )
+        if code_output:  # the answer's length: the grid this model and tokenizer write
+            record.setdefault("code_grid", self.code_grid(task.name))
         needs_image = not (task is not None and task.name == "text_to_image")
         if needs_image and req.image is None:
             raise ValueError(f"{req.task or 'an instruction'} needs an image")
@@ -119,6 +121,10 @@ class Predictor:
                 from ofa_unified.vq import mask_middle
 
                 image = mask_middle(image)
+            elif task is not None and task.name == "masked_image_modeling":
+                from ofa_unified.vq import mask_patches
+
+                image = mask_patches(image, record.get("masked_patches") or [], record["code_grid"])
         else:
             size = (self.image_size, self.image_size)
             image = torch.zeros(3, self.image_size, self.image_size)

@@ -193,6 +193,10 @@ class Task:
         """Training target text (literal `<bin_i>`/`<code_i>` where the answer is a box or image)."""
         raise NotImplementedError
 
+    def loss_positions(self, record: Record) -> list[int] | None:
+        """Target positions that carry the training loss; None: all of them."""
+        return None
+
     def constraint(
         self, vocab: Vocab, record: Record | None = None, candidates: Sequence[str] | None = None
     ) -> Constraint | None:
@@ -486,6 +490,24 @@ def list_tasks() -> list[str]:
     return sorted(TASKS)
 
 
+class MaskedImageTask(ImageCodeTask):
+    """BEiT's masked image modeling as a seq2seq task: the encoder sees the image with the patches
+    `record["masked_patches"]` (raster indices of the code grid) blanked, the decoder writes the code
+    grid of the complete image, and only the masked positions carry loss and are scored."""
+
+    def loss_positions(self, record: Record) -> list[int] | None:
+        return record.get("masked_patches")
+
+    def evaluate(self, predictions: Sequence[dict | None], records: Sequence[Record]) -> dict[str, float]:
+        preds, targets = [], []
+        for p, r in zip(predictions, records, strict=True):
+            codes = _field(p, "codes", [])
+            where = r.get("masked_patches") or range(len(r["target_codes"]))
+            preds.append([codes[i] if i < len(codes) else -1 for i in where])
+            targets.append([r["target_codes"][i] for i in where])
+        return {"masked_code_accuracy": metrics.code_accuracy(preds, targets)}
+
+
 for _task in (
     CaptionTask("caption"),
     VQATask("vqa"),
@@ -495,6 +517,7 @@ for _task in (
     DetectionTask("detection"),
     ImageCodeTask("image_infilling"),
     ImageCodeTask("text_to_image"),
+    MaskedImageTask("masked_image_modeling"),
     TextInfillingTask("text_infilling"),
     ClassificationTask("visual_entailment"),
     ClassificationTask("qa_matching"),

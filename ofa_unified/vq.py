@@ -24,7 +24,10 @@ encoder output of the current batch; `num_restarts` counts them). Plain squared-
 from __future__ import annotations
 
 import json
+import math
 import os
+import random
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -357,6 +360,43 @@ def mask_middle(image: Tensor, fill: float = 0.0) -> Tensor:
     out = image.clone()
     out[..., y0:y1, x0:x1] = fill
     return out
+
+
+def mask_patches(image: Tensor, patches: Sequence[int], grid: int, fill: float = 0.0) -> Tensor:
+    """Copy of image [..., 3, H, W] with cells `patches` (raster indices) of a grid x grid split blanked."""
+    h, w = image.shape[-2:]
+    if h % grid or w % grid:
+        raise ValueError(f"a {w}x{h} image does not split into a {grid}x{grid} grid of equal patches")
+    ph, pw = h // grid, w // grid
+    out = image.clone()
+    for index in patches:
+        if not 0 <= index < grid * grid:
+            raise ValueError(f"patch {index} is outside the {grid}x{grid} grid")
+        r, c = divmod(int(index), grid)
+        out[..., r * ph : (r + 1) * ph, c * pw : (c + 1) * pw] = fill
+    return out
+
+
+def block_mask(grid: int, ratio: float, rng: random.Random, min_block: int = 2) -> list[int]:
+    """BEiT's blockwise masking: random rectangles (aspect 0.3-3.3) until ~ratio of the grid is masked.
+
+    Blocks rather than scattered patches, so a masked patch cannot simply be copied from its neighbours.
+    Returns sorted raster indices.
+    """
+    if not 0 < ratio < 1:
+        raise ValueError(f"mask ratio must be in (0, 1), got {ratio}")
+    goal = max(1, round(ratio * grid * grid))
+    masked: set[int] = set()
+    for _ in range(100 * grid * grid):  # a bounded number of tries; tiny grids may overshoot
+        if len(masked) >= goal:
+            break
+        area = rng.uniform(min(min_block, goal - len(masked)), max(min_block, goal - len(masked)))
+        aspect = math.exp(rng.uniform(math.log(0.3), math.log(1 / 0.3)))
+        h = max(1, min(grid, round(math.sqrt(area * aspect))))
+        w = max(1, min(grid, round(math.sqrt(area / aspect))))
+        top, left = rng.randrange(grid - h + 1), rng.randrange(grid - w + 1)
+        masked.update(r * grid + c for r in range(top, top + h) for c in range(left, left + w))
+    return sorted(masked)
 
 
 def crop_middle(image: Tensor) -> Tensor:

@@ -194,3 +194,40 @@ def test_shapes_cli_writes_images_and_annotations(tmp_path):
     run_cli("shapes", "--split", "test", "--n", "3", "--out", str(tmp_path / "s"))
     assert len(list((tmp_path / "s" / "images").glob("*.png"))) == 3
     assert len((tmp_path / "s" / "annotations.jsonl").read_text().splitlines()) == 3
+
+
+@pytest.fixture(scope="module")
+def micro_with_vq(micro_checkpoint, tmp_path_factory):
+    """The micro checkpoint plus a tiny random VQ tokenizer (16 codes, as its vocabulary has)."""
+    import shutil
+
+    from ofa_unified.vq import VQConfig, VQTokenizer
+
+    root = tmp_path_factory.mktemp("micro_vq") / "checkpoint"
+    shutil.copytree(micro_checkpoint, root)
+    config = VQConfig(channels=8, num_res_blocks=0, patch_hidden=8, codebook_size=16, code_dim=8)
+    VQTokenizer(config).save(root / "vq")
+    return root
+
+
+def test_image_tasks_return_images_without_a_code_grid_field(micro_with_vq, image):
+    predictor = Predictor.from_checkpoint(micro_with_vq)
+    infill, generated = predictor.predict(
+        [Request(image, "image_infilling"), Request(None, "text_to_image", {"caption": "a red circle"})]
+    )
+    assert infill["image"].size == image.size  # the middle, decoded and pasted into the original frame
+    assert len(infill["codes"]) == predictor.code_grid("image_infilling") ** 2
+    side = predictor.image_size
+    assert generated["image"].size == (side, side)
+    assert len(generated["codes"]) == predictor.code_grid("text_to_image") ** 2
+
+
+def test_convert_to_float16_carries_the_vq_tokenizer(micro_with_vq, tmp_path):
+    from ofa_unified.vq import VQTokenizer
+
+    run_cli("convert", str(micro_with_vq), "--out", str(tmp_path / "half"), "--dtype", "float16")
+    stored = load_file(str(tmp_path / "half" / "vq" / "vq.safetensors"))
+    assert all(t.dtype == torch.float16 for t in stored.values() if t.is_floating_point())
+    original, half = VQTokenizer.load(micro_with_vq / "vq"), VQTokenizer.load(tmp_path / "half" / "vq")
+    for (name, a), b in zip(original.state_dict().items(), half.state_dict().values(), strict=True):
+        assert b.dtype == a.dtype and torch.allclose(a.float(), b.float(), atol=1e-2), name

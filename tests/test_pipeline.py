@@ -141,6 +141,29 @@ def test_image_outputs_use_vq_codes(vocab, transform, vq):
     assert batch["patch_masks"].tolist() == [True, False] and batch["code_mask"].tolist() == [True, True]
 
 
+def test_masked_image_modeling_blanks_patches_and_scores_only_them(vocab, transform, vq):
+    img = Image.effect_noise((100, 80), 60).convert("RGB")
+    mim = example(
+        {"id": "m", "task": "masked_image_modeling"}, vocab, transform, img=img, vq=vq, image_size=32
+    )
+    full, _ = transform(img)
+    masked = mim.record["masked_patches"]  # drawn by the pipeline: blocks of a 4x4 grid (32 px / 8)
+    assert masked == sorted(set(masked)) and 0 < len(masked) < 16 and mim.has_image and mim.code_output
+    assert len(mim.target_ids) == 16 and mim.loss_positions == masked
+    for cell in range(16):
+        r, c = divmod(cell, 4)
+        patch = mim.image[:, 16 * r : 16 * (r + 1), 16 * c : 16 * (c + 1)]
+        truth = full[:, 16 * r : 16 * (r + 1), 16 * c : 16 * (c + 1)]
+        assert (patch == 0).all() if cell in masked else torch.equal(patch, truth), cell
+    labels = collate([mim])["labels"][0]
+    scored = [i for i in range(16) if labels[i] != IGNORE_INDEX]
+    assert scored == masked and labels[16] == EOS  # eos always scored
+    assert [labels[i] - vocab.code_offset for i in scored] == [mim.record["target_codes"][i] for i in masked]
+    fixed = {"id": "m", "task": "masked_image_modeling", "masked_patches": [0, 99]}
+    with pytest.raises(RecordError, match="patch 99 is outside the 4x4 grid"):
+        example(fixed, vocab, transform, img=img, vq=vq, image_size=32)
+
+
 def test_image_outputs_without_vq_fail_clearly(vocab, transform):
     with pytest.raises(RecordError, match=r"record i \(image_infilling\).*VQ"):
         example({"id": "i", "task": "image_infilling"}, vocab, transform)

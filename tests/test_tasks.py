@@ -36,6 +36,7 @@ RECORDS = {
     },
     "image_infilling": {"target_codes": [3, 1, 4, 1]},
     "text_to_image": {"caption": "a red circle", "target_codes": [2, 7, 1, 8, 2, 8, 1, 8, 2]},
+    "masked_image_modeling": {"target_codes": [5, 3, 5, 8], "masked_patches": [0, 2]},
     "text_infilling": {"text": "a small green triangle next to a large yellow star"},
     "visual_entailment": {"text1": "a red circle", "text2": "a circle", "label": "maybe"},
     "qa_matching": {"question": "what color is the circle", "answer": "red", "label": "no"},
@@ -203,6 +204,7 @@ MALFORMED = {
         lambda v: [],
     ],
     "text_to_image": [lambda v: ids(v, " red circle")],
+    "masked_image_modeling": [lambda v: [v.code_id(1)] * 5, lambda v: [v.code_id(1), v.bin_id(2)] * 2],
 }
 
 
@@ -232,7 +234,7 @@ def test_constraint_types(vocab):
     grounding = get_task("grounding").constraint(vocab, RECORDS["grounding"])
     assert isinstance(grounding, TokenRangeConstraint) and grounding.exact_len == 4
     assert list(grounding.allowed([])) == list(range(vocab.bin_offset, len(vocab)))
-    for name in ("image_infilling", "text_to_image"):
+    for name in ("image_infilling", "text_to_image", "masked_image_modeling"):
         c = get_task(name).constraint(vocab, RECORDS[name])
         assert isinstance(c, TokenRangeConstraint) and c.exact_len == len(RECORDS[name]["target_codes"])
         assert list(c.allowed([])) == list(range(vocab.code_offset, vocab.bin_offset))
@@ -310,3 +312,12 @@ def test_parse_free_collects_text_boxes_and_codes(vocab):
     assert out["stray_bins"] == [5]
     with pytest.raises(ParseError):
         tasks.parse_free([len(vocab)], vocab, SIZE)
+
+
+def test_masked_image_modeling_scores_only_the_masked_positions():
+    task = get_task("masked_image_modeling")
+    record = {"target_codes": [1, 2, 3, 4], "masked_patches": [1, 3]}
+    assert task.loss_positions(record) == [1, 3] and get_task("caption").loss_positions(record) is None
+    right_where_masked = {"codes": [9, 2, 9, 4]}
+    assert task.evaluate([right_where_masked], [record]) == {"masked_code_accuracy": 1.0}
+    assert task.evaluate([{"codes": [1, 2]}, None], [record, record])["masked_code_accuracy"] == 0.25

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import random
 import sys
 from pathlib import Path
 
@@ -15,8 +16,10 @@ from ofa_unified.vq import (
     CONFIG_NAME,
     VQConfig,
     VQTokenizer,
+    block_mask,
     crop_middle,
     mask_middle,
+    mask_patches,
     middle_box,
     paste_middle,
 )
@@ -195,3 +198,23 @@ def test_training_script_resumes_exactly(tmp_path):
     a, b = VQTokenizer.load(tmp_path / "a"), VQTokenizer.load(tmp_path / "b")
     for name, tensor in a.state_dict().items():
         assert torch.equal(tensor, b.state_dict()[name]), name
+
+
+@pytest.mark.parametrize("grid", [4, 8, 14])
+def test_block_mask_covers_about_the_ratio_in_valid_cells(grid):
+    for seed in range(20):
+        masked = block_mask(grid, 0.4, random.Random(seed))
+        assert masked == sorted(set(masked)) and all(0 <= i < grid * grid for i in masked)
+        assert round(0.4 * grid * grid) <= len(masked) <= 0.75 * grid * grid
+    assert block_mask(grid, 0.4, random.Random(1)) == block_mask(grid, 0.4, random.Random(1))
+    with pytest.raises(ValueError, match="mask ratio"):
+        block_mask(grid, 1.0, random.Random(0))
+
+
+def test_mask_patches_blanks_exactly_the_given_cells():
+    image = torch.rand(3, 32, 32) + 1  # no zeros anywhere
+    out = mask_patches(image, [0, 5], grid=4)
+    assert (out[:, :8, :8] == 0).all() and (out[:, 8:16, 8:16] == 0).all()
+    assert int((out == 0).sum()) == 2 * 3 * 8 * 8 and (image != 0).all()  # the input is untouched
+    with pytest.raises(ValueError, match="does not split"):
+        mask_patches(torch.rand(3, 30, 30), [0], grid=4)

@@ -74,11 +74,27 @@ def run_task(predictor: Predictor, task: str, pairs: list, batch_size: int, clos
     return results
 
 
+def mim_record(predictor: Predictor, image: Image.Image, record: dict, index: int) -> dict:
+    """A masked-image-modeling record: seeded masked patches and the full image's codes as truth."""
+    from ofa_unified.data.pipeline import MIM_RATIO, item_rng
+    from ofa_unified.vq import block_mask, pil_to_tensor
+
+    grid = predictor.code_grid("masked_image_modeling")
+    pixels = pil_to_tensor(image, grid * predictor.vq.config.downsample)[None].to(predictor.device)
+    codes = predictor.vq.encode(pixels).flatten().tolist()
+    patches = block_mask(grid, MIM_RATIO, item_rng(0, index, "mim"))
+    return {**record, "masked_patches": patches, "target_codes": codes}
+
+
 def image_metrics(predictor: Predictor, task: str, pairs: list, results: list[dict]) -> dict[str, float]:
-    """Code accuracy and PSNR for infilling; detector-based object recall for text-to-image."""
+    """Code accuracy and PSNR for infilling; masked-code accuracy for masked image modeling;
+    detector-based object recall for text-to-image."""
     from ofa_unified.vq import crop_middle
 
     vq = predictor.vq
+    if task == "masked_image_modeling":
+        parsed = [None if "parse_error" in r else r for r in results]
+        return get_task(task).evaluate(parsed, [rec for _, rec in pairs])
     if task == "image_infilling":
         code_hits, psnrs, baseline = [], [], []
         for (image, _), res in zip(pairs, results, strict=True):
@@ -144,6 +160,11 @@ def main(argv: list[str] | None = None) -> dict:
         pairs["text_to_image"] = [
             (img, {**rec, "objects": [vars(o) for o in make_scene(rec["image_id"]).objects]})
             for img, rec in pairs["text_to_image"]
+        ]
+    if "masked_image_modeling" in tasks:
+        pairs["masked_image_modeling"] = [
+            (img, mim_record(predictor, img, rec, i))
+            for i, (img, rec) in enumerate(pairs["masked_image_modeling"])
         ]
     report: dict = {"checkpoint": str(args.checkpoint), "split": args.data or args.split, "tasks": {}}
     for task in tqdm(tasks, desc="tasks"):

@@ -40,10 +40,11 @@ from ofa_unified.data.preprocess import ImageTransform
 from ofa_unified.data.readers import BOX_TOLERANCE, DataError, open_dataset, validate_record
 from ofa_unified.tasks import get_task, load_templates
 from ofa_unified.vocab import BOS, EOS, PAD, Vocab, train_sentencepiece
-from ofa_unified.vq import crop_middle, mask_middle, pil_to_tensor
+from ofa_unified.vq import block_mask, crop_middle, mask_middle, mask_patches, pil_to_tensor
 
 IGNORE_INDEX = -100  # labels at padded positions (F.cross_entropy's ignore_index)
-IMAGE_OUTPUT_TASKS = ("image_infilling", "text_to_image")
+IMAGE_OUTPUT_TASKS = ("image_infilling", "text_to_image", "masked_image_modeling")
+MIM_RATIO = 0.4  # share of the code grid masked for masked_image_modeling (BEiT: ~40%)
 
 
 class RecordError(ValueError):
@@ -60,6 +61,7 @@ class Example:
     image: torch.Tensor  # [3, S, S], normalised to [-1, 1]
     has_image: bool  # False: a blank image the encoder masks out (text_to_image)
     code_output: bool  # the decoder writes image codes (the model's code_mask)
+    loss_positions: list[int] | None  # target positions with loss (masked image modeling); None: all
     task: str
     record: dict = field(repr=False)
     size: tuple[int, int] = (0, 0)
@@ -124,13 +126,21 @@ def _build(task, image, record, vocab, transform, rng, vq, image_size) -> Exampl
             record["target_codes"] = vq.encode(target_image[None]).flatten().tolist()
         if task.name == "image_infilling":
             pixels = mask_middle(pixels)
+        elif task.name == "masked_image_modeling":
+            grid = math.isqrt(len(record["target_codes"]))
+            if record.get("masked_patches") is None:
+                record["masked_patches"] = block_mask(grid, MIM_RATIO, rng)
+            pixels = mask_patches(pixels, record["masked_patches"], grid)
         else:
             pixels, has_image = torch.zeros_like(pixels), False
     source_ids = vocab.encode(task.source(record, size, vocab))
     target_ids = vocab.encode(task.target(record, size, vocab, rng), add_bos=False, add_eos=False)
     if not target_ids:
         raise ValueError("the target is empty")
-    return Example(source_ids, target_ids, pixels, has_image, task.output == "codes", task.name, record, size)
+    positions = task.loss_positions(record)
+    return Example(
+        source_ids, target_ids, pixels, has_image, task.output == "codes", positions, task.name, record, size
+    )
 
 
 def _fit_boxes(record: dict, size: tuple[int, int]) -> None:
@@ -177,6 +187,10 @@ def collate(examples: Sequence[Example], pad_id: int = PAD, prompt: bool = False
         decoder = [BOS, *p, *e.target_ids]
         decoder_input_ids[i, : len(decoder)] = torch.tensor(decoder)
         labels[i, len(p) : len(decoder)] = torch.tensor([*e.target_ids, EOS])
+        if e.loss_positions is not None:  # only these target positions (and eos) are predicted
+            keep = torch.zeros(len(e.target_ids), dtype=torch.bool)
+            keep[list(e.loss_positions)] = True
+            labels[i, len(p) : len(p) + len(e.target_ids)][~keep] = IGNORE_INDEX
     return {
         "input_ids": input_ids,
         "patch_images": torch.stack([e.image for e in examples]),

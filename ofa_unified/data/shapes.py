@@ -54,6 +54,7 @@ TASKS = (
     "visual_entailment",
     "image_infilling",
     "text_to_image",
+    "masked_image_modeling",
 )
 # Predicates the shapes world does not model: a statement using one is neither entailed nor
 # contradicted by the image, which makes visual entailment's "maybe" well defined.
@@ -444,6 +445,7 @@ def scene_records(scene: Scene, rng: random.Random) -> list[dict]:
         "visual_entailment": _entailment(scene, rng, captions),
         "image_infilling": [{}],
         "text_to_image": [{"caption": captions[0]}],
+        "masked_image_modeling": [{}],  # the pipeline draws the masked patches per sample
     }
     for i in sorted(range(len(scene.objects)), key=lambda j: ordered.index(scene.objects[j])):
         obj = scene.objects[i]

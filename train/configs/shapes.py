@@ -26,6 +26,9 @@ DEFAULT_TASKS = {
     "text_infilling": 0.5,
     "image_infilling": 0.5,
     "text_to_image": 0.5,
+    # BEiT's masked image modeling (blocks of encoder patches blanked, their VQ codes predicted): an
+    # option, off by default; give it a weight (`--tasks ...,masked_image_modeling=0.5`) to mix it in.
+    "masked_image_modeling": 0.0,
 }
 
 
