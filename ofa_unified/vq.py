@@ -275,6 +275,26 @@ class VQTokenizer(nn.Module):
         """Fraction of the K codes that occur at least once in `codes`."""
         return codes.unique().numel() / self.config.codebook_size
 
+    @torch.no_grad()
+    def reconstruction_metrics(self, images: Tensor, batch_size: int = 32) -> dict:
+        """Mean per-image PSNR (dB, [0, 1] pixels) of decode(encode(x)) over uint8 images
+        [N, 3, H, W], and the share of the codebook they use."""
+        was_training = self.training
+        self.eval()
+        psnrs, codes = [], []
+        for start in range(0, len(images), batch_size):
+            x = images[start : start + batch_size].to(self.device).float() / 127.5 - 1.0
+            c = self.encode(x)
+            mse = ((self.decode(c) - x) / 2).pow(2).flatten(1).mean(1)
+            psnrs.append(10 * torch.log10(1.0 / mse.clamp_min(1e-10)))
+            codes.append(c.flatten())
+        self.train(was_training)
+        return {
+            "psnr": round(float(torch.cat(psnrs).mean()), 3),
+            "codebook_usage": round(self.codebook_usage(torch.cat(codes)), 4),
+            "num_images": len(images),
+        }
+
     def encode_pil(self, images: list[Image.Image], size: int | None = None) -> Tensor:
         """PIL images (resized to size x size when given; otherwise all the same size) -> codes."""
         batch = torch.stack([pil_to_tensor(im, size) for im in images])

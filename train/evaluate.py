@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from ofa_unified import metrics
 from ofa_unified.data.shapes import TASKS as SHAPES_TASKS
-from ofa_unified.data.shapes import VQA_ANSWERS, iter_samples, make_scene
+from ofa_unified.data.shapes import VQA_ANSWERS, iter_samples, make_scene, render_images
 from ofa_unified.inference import Predictor, Request
 from ofa_unified.tasks import get_task, list_tasks
 
@@ -167,6 +167,11 @@ def main(argv: list[str] | None = None) -> dict:
             for i, (img, rec) in enumerate(pairs["masked_image_modeling"])
         ]
     report: dict = {"checkpoint": str(args.checkpoint), "split": args.data or args.split, "tasks": {}}
+    if predictor.vq is not None and not args.data:
+        # the bundled image tokenizer itself: reconstruction of the split's first n scenes
+        images = torch.from_numpy(render_images(args.split, args.n, predictor.image_size)).permute(0, 3, 1, 2)
+        report["vq_tokenizer"] = predictor.vq.reconstruction_metrics(images.to(predictor.device))
+        tqdm.write(f"vq_tokenizer: {json.dumps(report['vq_tokenizer'])}")
     for task in tqdm(tasks, desc="tasks"):
         start = time.perf_counter()
         results = run_task(predictor, task, pairs[task], args.batch_size, not args.open_vqa)

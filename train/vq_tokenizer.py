@@ -27,13 +27,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ofa_unified.data.shapes import sample  # noqa: E402
+from ofa_unified.data.shapes import render_images  # noqa: E402
 from ofa_unified.vq import VQConfig, VQTokenizer  # noqa: E402
 
 STATE_NAME = "train_state.pt"
@@ -82,8 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def render_cache(split: str, n: int, image_size: int) -> torch.Tensor:
     """n shapes images as uint8 [n, 3, S, S] (rendering ~5 ms each; converting per batch is cheaper)."""
-    images = [np.asarray(sample(split, i, image_size)[0].convert("RGB"), dtype=np.uint8) for i in range(n)]
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+    return torch.from_numpy(render_images(split, n, image_size)).permute(0, 3, 1, 2).contiguous()
 
 
 def get_batch(cache: torch.Tensor, batch_size: int, crop: int, gen: torch.Generator) -> torch.Tensor:
@@ -106,25 +104,6 @@ def lr_at(step: int, args: argparse.Namespace) -> float:
         return args.lr * (step + 1) / args.warmup
     progress = (step - args.warmup) / max(1, args.steps - args.warmup)
     return args.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-
-@torch.no_grad()
-def evaluate(model: VQTokenizer, images: torch.Tensor, batch_size: int = 32) -> dict:
-    """Mean per-image PSNR (dB, [0, 1] pixels) of decode(encode(x)) and the share of codes used."""
-    model.eval()
-    psnrs, codes = [], []
-    for start in range(0, len(images), batch_size):
-        x = images[start : start + batch_size].to(model.device).float() / 127.5 - 1.0
-        c = model.encode(x)
-        mse = ((model.decode(c) - x) / 2).pow(2).flatten(1).mean(1)
-        psnrs.append(10 * torch.log10(1.0 / mse.clamp_min(1e-10)))
-        codes.append(c.flatten())
-    model.train()
-    return {
-        "psnr": round(float(torch.cat(psnrs).mean()), 3),
-        "codebook_usage": round(model.codebook_usage(torch.cat(codes)), 4),
-        "num_images": len(images),
-    }
 
 
 def save_state(path: Path, model, optimizer, step: int, gen: torch.Generator) -> None:
@@ -199,7 +178,9 @@ def main(argv: list[str] | None = None) -> TrainResult:
     elapsed = time.time() - started
 
     if step >= args.steps:
-        metrics = evaluate(model, render_cache(args.eval_split, args.val_images, args.image_size))
+        metrics = model.reconstruction_metrics(
+            render_cache(args.eval_split, args.val_images, args.image_size)
+        )
         metrics.update(split=args.eval_split, step=step, restarts=model.num_restarts)
         metrics["sec_per_step"] = round(elapsed / max(1, step - result.start_step), 4)
         (out / METRICS_NAME).write_text(json.dumps(metrics, indent=2) + "\n")

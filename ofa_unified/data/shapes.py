@@ -610,6 +610,13 @@ def _entailment(scene: Scene, rng: random.Random, captions: list[str]) -> list[d
 # ---------------------------------------------------------------- iteration and files
 
 
+def render_images(split: str, n: int, image_size: int = 128) -> np.ndarray:
+    """The first n scenes of a split as one uint8 array [n, S, S, 3] (e.g. to test an image tokenizer)."""
+    return np.stack(
+        [np.asarray(sample(split, i, image_size)[0].convert("RGB"), dtype=np.uint8) for i in range(n)]
+    )
+
+
 def iter_samples(
     split: str, n: int, image_size: int = 128, tasks: Iterable[str] | None = None
 ) -> Iterator[tuple[Image.Image, dict]]:
