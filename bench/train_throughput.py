@@ -27,7 +27,7 @@ print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_max
 """
 
 
-def run(model: str, steps: int, batch: int, device: str, skip: int) -> dict:
+def run(model: str, steps: int, batch: int, device: str, skip: int, workers: int) -> dict:
     with tempfile.TemporaryDirectory() as out:
         cmd = [
             sys.executable,
@@ -59,6 +59,8 @@ def run(model: str, steps: int, batch: int, device: str, skip: int) -> dict:
             "--no-progress",
             "--vocab-scenes",
             "200",
+            "--num-workers",
+            str(workers),
         ]
         done = subprocess.run(cmd, check=True, capture_output=True, text=True)
         peak = json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_mb"]
@@ -72,6 +74,7 @@ def run(model: str, steps: int, batch: int, device: str, skip: int) -> dict:
         "batch": batch,
         "steps": steps,
         "device": device,
+        "workers": workers,
         "samples_per_s": mean("samples_per_s"),
         "tokens_per_s": mean("tokens_per_s"),
         "peak_rss_mb": peak,
@@ -87,18 +90,24 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--skip", type=int, default=1, help="logged windows (of 5 steps) to leave out")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--num-workers", type=int, default=1, help="data worker processes (scene rendering sets the pace)"
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results/train_throughput.json"))
     args = parser.parse_args()
     rows = []
     for model in args.models:
-        rows.append(run(model, args.steps, args.batch_size, args.device, args.skip))
+        rows.append(run(model, args.steps, args.batch_size, args.device, args.skip, args.num_workers))
         print(json.dumps(rows[-1]), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rows, indent=2) + "\n")
-    print("\n| model | device | batch | samples/s | tokens/s | peak RSS MB |\n|---|---|---|---|---|---|")
+    print(
+        "\n| model | device | batch | workers | samples/s | tokens/s | peak RSS MB |\n"
+        "|---|---|---|---|---|---|---|"
+    )
     for r in rows:
         print(
-            f"| {r['model']} | {r['device']} | {r['batch']} | {r['samples_per_s']:.1f} | "
+            f"| {r['model']} | {r['device']} | {r['batch']} | {r['workers']} | {r['samples_per_s']:.1f} | "
             f"{r['tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} |"
         )
 
