@@ -312,7 +312,10 @@ class ShapesMultitask(ExampleDataset):
         # referring expression) hands the item on to the next scene.
         for k in range(100):
             image, scene = shapes.sample(self.split, (index + k) % self.num_scenes, self.scene_size)
-            records = shapes.scene_records(scene, shapes.record_rng(scene.seed))
+            # the drawn task's records alone are usually enough (building every task's costs more)
+            records = shapes.scene_records(scene, shapes.record_rng(scene.seed), [task])
+            if not records:
+                records = shapes.scene_records(scene, shapes.record_rng(scene.seed), self.tasks)
             available = {k: w for k, w in self.tasks.items() if any(r["task"] == k for r in records)}
             if available:
                 if task not in available:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import random
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from itertools import combinations
 from pathlib import Path
@@ -245,17 +245,28 @@ def _outline(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
 
 
 def _object_alpha(obj: ShapeObject, width: int, height: int) -> np.ndarray:
-    """Coverage (uint8, H x W) of one object, supersampled; faint edge pixels dropped."""
+    """Coverage (uint8, H x W) of one object, supersampled; faint edge pixels dropped.
+
+    Only a window around the object is drawn and downsampled (whole pixels, so the result is the
+    same as for the full canvas): this is the costliest step of making a training sample.
+    """
     f = SUPERSAMPLE
-    canvas = Image.new("L", (width * f, height * f), 0)
-    draw = ImageDraw.Draw(canvas)
     (cx, cy), r = obj.center, obj.extent / 2
+    x0, y0 = max(0, int(cx - r) - 2), max(0, int(cy - r) - 2)
+    x1, y1 = min(width, int(cx + r) + 3), min(height, int(cy + r) + 3)
+    canvas = Image.new("L", ((x1 - x0) * f, (y1 - y0) * f), 0)
+    draw = ImageDraw.Draw(canvas)
+    ox, oy = x0 * f, y0 * f
     if obj.shape == "circle":
-        draw.ellipse([(cx - r) * f, (cy - r) * f, (cx + r) * f - 1, (cy + r) * f - 1], fill=255)
+        draw.ellipse(
+            [(cx - r) * f - ox, (cy - r) * f - oy, (cx + r) * f - 1 - ox, (cy + r) * f - 1 - oy], fill=255
+        )
     else:
-        draw.polygon([(x * f, y * f) for x, y in _outline(obj.shape, cx, cy, r)], fill=255)
-    alpha = np.asarray(canvas.resize((width, height), Image.Resampling.BOX))
-    return np.where(alpha >= MIN_ALPHA, alpha, 0).astype(np.uint8)
+        draw.polygon([(x * f - ox, y * f - oy) for x, y in _outline(obj.shape, cx, cy, r)], fill=255)
+    window = np.asarray(canvas.resize((x1 - x0, y1 - y0), Image.Resampling.BOX))
+    alpha = np.zeros((height, width), np.uint8)
+    alpha[y0:y1, x0:x1] = np.where(window >= MIN_ALPHA, window, 0)
+    return alpha
 
 
 # ---------------------------------------------------------------- language
@@ -426,40 +437,55 @@ def _relation_pairs(scene: Scene) -> list[tuple[ShapeObject, ShapeObject, list[s
 # ---------------------------------------------------------------- records
 
 
-def scene_records(scene: Scene, rng: random.Random) -> list[dict]:
-    """Ground truth of every task for one scene (record schema in the package docs), phrasings drawn from rng.
+def scene_records(scene: Scene, rng: random.Random, tasks: Iterable[str] | None = None) -> list[dict]:
+    """Ground truth of every task (or of `tasks` only) for one scene (record schema in the package
+    docs), phrasings drawn from rng.
 
-    Detection labels are "color shape" ("red circle"), listed left to right; ``rng`` only picks
-    phrasings and negatives, the facts come from ``scene``.
+    Each task draws from its own stream seeded by one draw of ``rng``, so a task's records do not
+    depend on which other tasks were asked for (the training pipeline asks for one). Detection labels
+    are "color shape" ("red circle"), listed left to right; ``rng`` only picks phrasings and
+    negatives, the facts come from ``scene``.
     """
+    base = rng.getrandbits(64)
     captions = [c.text for c in _claims(scene)]
     ordered = _left_to_right(scene)
-    per_task: dict[str, list[dict]] = {
-        "caption": [{"captions": captions}],
-        "vqa": _vqa(scene, rng),
-        "grounding": [],
-        "grounded_caption": [],
-        "itm": _itm(scene, rng),
-        "detection": [{"objects": [{"box": o.box, "label": f"{o.color} {o.shape}"} for o in ordered]}],
-        "text_infilling": [{"text": rng.choice(captions)}],
-        "visual_entailment": _entailment(scene, rng, captions),
-        "image_infilling": [{}],
-        "text_to_image": [{"caption": captions[0]}],
-        "masked_image_modeling": [{}],  # the pipeline draws the masked patches per sample
+    by_position = sorted(scene.objects, key=ordered.index)
+
+    def grounding(r: random.Random) -> list[dict]:
+        out = []
+        for obj in by_position:
+            expressions = referring_expressions(scene, scene.objects.index(obj))
+            if expressions:
+                out.append({"text": r.choice(expressions), "box": obj.box})
+        return out
+
+    def grounded_caption(r: random.Random) -> list[dict]:
+        regions = [(o, with_article(f"{o.size} {o.color} {o.shape}")) for o in by_position]
+        return [
+            {"box": o.box, "text": text, "texts": [text, with_article(f"{o.color} {o.shape}")]}
+            for o, text in regions
+        ]
+
+    builders: dict[str, Callable[[random.Random], list[dict]]] = {
+        "caption": lambda r: [{"captions": captions}],
+        "vqa": lambda r: _vqa(scene, r),
+        "grounding": grounding,
+        "grounded_caption": grounded_caption,
+        "itm": lambda r: _itm(scene, r),
+        "detection": lambda r: [
+            {"objects": [{"box": o.box, "label": f"{o.color} {o.shape}"} for o in ordered]}
+        ],
+        "text_infilling": lambda r: [{"text": r.choice(captions)}],
+        "visual_entailment": lambda r: _entailment(scene, r, captions),
+        "image_infilling": lambda r: [{}],
+        "text_to_image": lambda r: [{"caption": captions[0]}],
+        "masked_image_modeling": lambda r: [{}],  # the pipeline draws the masked patches per sample
     }
-    for i in sorted(range(len(scene.objects)), key=lambda j: ordered.index(scene.objects[j])):
-        obj = scene.objects[i]
-        expressions = referring_expressions(scene, i)
-        if expressions:
-            per_task["grounding"].append({"text": rng.choice(expressions), "box": obj.box})
-        region = with_article(f"{obj.size} {obj.color} {obj.shape}")
-        per_task["grounded_caption"].append(
-            {"box": obj.box, "text": region, "texts": [region, with_article(f"{obj.color} {obj.shape}")]}
-        )
+    wanted = TASKS if tasks is None else [t for t in TASKS if t in set(tasks)]
     return [
         {"id": f"{scene.seed}-{task}-{k}", "image_id": scene.seed, "task": task, **fields}
-        for task in TASKS
-        for k, fields in enumerate(per_task[task])
+        for task in wanted
+        for k, fields in enumerate(builders[task](random.Random(f"{base}-{task}")))
     ]
 
 
