@@ -11,6 +11,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from PIL import Image, ImageDraw
 
 from ofa_unified.data import shapes
 from ofa_unified.data.shapes import (
@@ -407,3 +408,30 @@ def test_write_split_round_trip(tmp_path):
     assert all(
         np.array_equal(np.asarray(x), np.asarray(y)) for (x, _), (y, _) in zip(loaded, fresh, strict=True)
     )
+
+
+def test_a_tasks_records_do_not_depend_on_the_other_tasks_asked_for():
+    for seed in range(30):
+        scene = shapes.make_scene(seed)
+        every = shapes.scene_records(scene, shapes.record_rng(seed))
+        for task in ("vqa", "itm", "grounding", "visual_entailment"):
+            alone = shapes.scene_records(scene, shapes.record_rng(seed), [task])
+            assert alone == [r for r in every if r["task"] == task]
+
+
+def test_object_window_rendering_equals_the_full_canvas():
+    """The alpha is drawn in a window around the object: it must equal drawing the whole canvas."""
+    f = shapes.SUPERSAMPLE
+    for seed in range(40):
+        scene = shapes.make_scene(seed)
+        for obj in scene.objects:
+            canvas = Image.new("L", (scene.width * f, scene.height * f), 0)
+            draw = ImageDraw.Draw(canvas)
+            (cx, cy), r = obj.center, obj.extent / 2
+            if obj.shape == "circle":
+                draw.ellipse([(cx - r) * f, (cy - r) * f, (cx + r) * f - 1, (cy + r) * f - 1], fill=255)
+            else:
+                draw.polygon([(x * f, y * f) for x, y in shapes._outline(obj.shape, cx, cy, r)], fill=255)
+            full = np.asarray(canvas.resize((scene.width, scene.height), Image.Resampling.BOX))
+            full = np.where(full >= shapes.MIN_ALPHA, full, 0)
+            assert np.array_equal(shapes._object_alpha(obj, scene.width, scene.height), full)
