@@ -464,6 +464,24 @@ class ImageCodeTask(Task):
         return {**self.decoding, "max_new_tokens": n, "min_new_tokens": n}
 
 
+class MaskedImageTask(ImageCodeTask):
+    """BEiT's masked image modeling as a seq2seq task: the encoder sees the image with the patches
+    `record["masked_patches"]` (raster indices of the code grid) blanked, the decoder writes the code
+    grid of the complete image, and only the masked positions carry loss and are scored."""
+
+    def loss_positions(self, record: Record) -> list[int] | None:
+        return record.get("masked_patches")
+
+    def evaluate(self, predictions: Sequence[dict | None], records: Sequence[Record]) -> dict[str, float]:
+        preds, targets = [], []
+        for p, r in zip(predictions, records, strict=True):
+            codes = _field(p, "codes", [])
+            where = r.get("masked_patches") or range(len(r["target_codes"]))
+            preds.append([codes[i] if i < len(codes) else -1 for i in where])
+            targets.append([r["target_codes"][i] for i in where])
+        return {"masked_code_accuracy": metrics.code_accuracy(preds, targets)}
+
+
 # ---------------------------------------------------------------------------------------------------
 # Registry
 
@@ -488,24 +506,6 @@ def get_task(name: str) -> Task:
 
 def list_tasks() -> list[str]:
     return sorted(TASKS)
-
-
-class MaskedImageTask(ImageCodeTask):
-    """BEiT's masked image modeling as a seq2seq task: the encoder sees the image with the patches
-    `record["masked_patches"]` (raster indices of the code grid) blanked, the decoder writes the code
-    grid of the complete image, and only the masked positions carry loss and are scored."""
-
-    def loss_positions(self, record: Record) -> list[int] | None:
-        return record.get("masked_patches")
-
-    def evaluate(self, predictions: Sequence[dict | None], records: Sequence[Record]) -> dict[str, float]:
-        preds, targets = [], []
-        for p, r in zip(predictions, records, strict=True):
-            codes = _field(p, "codes", [])
-            where = r.get("masked_patches") or range(len(r["target_codes"]))
-            preds.append([codes[i] if i < len(codes) else -1 for i in where])
-            targets.append([r["target_codes"][i] for i in where])
-        return {"masked_code_accuracy": metrics.code_accuracy(preds, targets)}
 
 
 for _task in (

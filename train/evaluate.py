@@ -75,15 +75,13 @@ def run_task(predictor: Predictor, task: str, pairs: list, batch_size: int, clos
 
 
 def mim_record(predictor: Predictor, image: Image.Image, record: dict, index: int) -> dict:
-    """A masked-image-modeling record: seeded masked patches and the full image's codes as truth."""
-    from ofa_unified.data.pipeline import MIM_RATIO, item_rng
-    from ofa_unified.vq import block_mask, pil_to_tensor
+    """A masked-image-modeling record as the training pipeline builds it: seeded masked patches and
+    the whole image's codes as truth."""
+    from ofa_unified.data.pipeline import build_example, item_rng
 
-    grid = predictor.code_grid("masked_image_modeling")
-    pixels = pil_to_tensor(image, grid * predictor.vq.config.downsample)[None].to(predictor.device)
-    codes = predictor.vq.encode(pixels).flatten().tolist()
-    patches = block_mask(grid, MIM_RATIO, item_rng(0, index, "mim"))
-    return {**record, "masked_patches": patches, "target_codes": codes}
+    size = predictor.code_grid("masked_image_modeling") * predictor.vq.config.downsample
+    rng = item_rng(0, index, "mim")
+    return build_example(image, record, predictor.vocab, predictor.transform, rng, predictor.vq, size).record
 
 
 def image_metrics(predictor: Predictor, task: str, pairs: list, results: list[dict]) -> dict[str, float]:

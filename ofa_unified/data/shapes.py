@@ -449,22 +449,23 @@ def scene_records(scene: Scene, rng: random.Random, tasks: Iterable[str] | None 
     base = rng.getrandbits(64)
     captions = [c.text for c in _claims(scene)]
     ordered = _left_to_right(scene)
-    by_position = sorted(scene.objects, key=ordered.index)
 
     def grounding(r: random.Random) -> list[dict]:
         out = []
-        for obj in by_position:
+        for obj in ordered:
             expressions = referring_expressions(scene, scene.objects.index(obj))
             if expressions:
                 out.append({"text": r.choice(expressions), "box": obj.box})
         return out
 
     def grounded_caption(r: random.Random) -> list[dict]:
-        regions = [(o, with_article(f"{o.size} {o.color} {o.shape}")) for o in by_position]
-        return [
-            {"box": o.box, "text": text, "texts": [text, with_article(f"{o.color} {o.shape}")]}
-            for o, text in regions
-        ]
+        out = []
+        for obj in ordered:
+            text = with_article(f"{obj.size} {obj.color} {obj.shape}")
+            out.append(
+                {"box": obj.box, "text": text, "texts": [text, with_article(f"{obj.color} {obj.shape}")]}
+            )
+        return out
 
     builders: dict[str, Callable[[random.Random], list[dict]]] = {
         "caption": lambda r: [{"captions": captions}],
@@ -481,7 +482,8 @@ def scene_records(scene: Scene, rng: random.Random, tasks: Iterable[str] | None 
         "text_to_image": lambda r: [{"caption": captions[0]}],
         "masked_image_modeling": lambda r: [{}],  # the pipeline draws the masked patches per sample
     }
-    wanted = TASKS if tasks is None else [t for t in TASKS if t in set(tasks)]
+    asked = set(TASKS if tasks is None else tasks)
+    wanted = [t for t in TASKS if t in asked]
     return [
         {"id": f"{scene.seed}-{task}-{k}", "image_id": scene.seed, "task": task, **fields}
         for task in wanted

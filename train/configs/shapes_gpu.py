@@ -1,8 +1,8 @@
-# Launch (the bundled checkpoints/default; one H100, ~8 minutes; the data workers set the pace):
-#   python train/vq_tokenizer.py --device cuda --batch-size 64 --steps 8000 --out checkpoints/vq
-#   python train/multitask.py --config train/configs/shapes_gpu.py
+# Launch (the bundled checkpoints/default was made with this config; README "The bundled model"):
+#   python train/vq_tokenizer.py --device cuda --batch-size 64 --steps 6000 --out checkpoints/vq
+#   python train/multitask.py --config train/configs/shapes_gpu.py --time-limit 7 --vq checkpoints/vq
 #   python -m ofa_unified convert runs/shapes_gpu/model --out checkpoints/default --dtype float16
-"""The default recipe on one GPU: the `shapes` model, a fresh scene per sample, ~1M samples."""
+"""The default recipe on one GPU: the `shapes` model, a fresh scene per sample, batch 128."""
 
 from train.configs.shapes import TrainConfig
 
@@ -16,6 +16,6 @@ config = TrainConfig(
     eval_generate=32,
     save_interval=1000,
     log_interval=50,
-    num_workers=14,  # rendering + preprocessing run ~130 samples/s per core
+    num_workers=14,  # the data workers, not the GPU, set the pace (bench/README.md)
     out_dir="runs/shapes_gpu",
 )
