@@ -117,14 +117,8 @@ class Predictor:
         if req.image is not None and needs_image:
             size = req.image.size
             image, _ = self.transform(req.image)
-            if task is not None and task.name == "image_infilling":
-                from ofa_unified.vq import mask_middle
-
-                image = mask_middle(image)
-            elif task is not None and task.name == "masked_image_modeling":
-                from ofa_unified.vq import mask_patches
-
-                image = mask_patches(image, record.get("masked_patches") or [], record["code_grid"])
+            if task is not None:
+                image = task.encoder_image(image, record)
         else:
             size = (self.image_size, self.image_size)
             image = torch.zeros(3, self.image_size, self.image_size)

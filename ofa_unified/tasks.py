@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import importlib.resources
 import json
+import math
 import random
 import zlib
 from collections import Counter
@@ -26,9 +27,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from torch import Tensor
+
 from ofa_unified import metrics
 from ofa_unified.generate import Constraint, GenerationConfig, TokenRangeConstraint, TrieConstraint
 from ofa_unified.vocab import BOS, EOS, PAD, Vocab, dequantize, quantize
+from ofa_unified.vq import mask_middle, mask_patches
 
 TEMPLATES_PATH = Path(str(importlib.resources.files("instructions") / "templates.json"))
 # Keys of a template entry that are GenerationConfig settings.
@@ -196,6 +200,10 @@ class Task:
     def loss_positions(self, record: Record) -> list[int] | None:
         """Target positions that carry the training loss; None: all of them."""
         return None
+
+    def encoder_image(self, pixels: Tensor, record: Record) -> Tensor:
+        """What the encoder sees of the preprocessed image; tasks that hide part of it override this."""
+        return pixels
 
     def constraint(
         self, vocab: Vocab, record: Record | None = None, candidates: Sequence[str] | None = None
@@ -464,6 +472,14 @@ class ImageCodeTask(Task):
         return {**self.decoding, "max_new_tokens": n, "min_new_tokens": n}
 
 
+class InfillingTask(ImageCodeTask):
+    """Image infilling: the encoder sees the image with its middle blanked; the answer is the middle's
+    code grid."""
+
+    def encoder_image(self, pixels: Tensor, record: Record) -> Tensor:
+        return mask_middle(pixels)
+
+
 class MaskedImageTask(ImageCodeTask):
     """BEiT's masked image modeling as a seq2seq task: the encoder sees the image with the patches
     `record["masked_patches"]` (raster indices of the code grid) blanked, the decoder writes the code
@@ -471,6 +487,10 @@ class MaskedImageTask(ImageCodeTask):
 
     def loss_positions(self, record: Record) -> list[int] | None:
         return record.get("masked_patches")
+
+    def encoder_image(self, pixels: Tensor, record: Record) -> Tensor:
+        grid = math.isqrt(self.num_codes(record))
+        return mask_patches(pixels, record.get("masked_patches") or [], grid)
 
     def evaluate(self, predictions: Sequence[dict | None], records: Sequence[Record]) -> dict[str, float]:
         preds, targets = [], []
@@ -515,7 +535,7 @@ for _task in (
     GroundedCaptionTask("grounded_caption"),
     ClassificationTask("itm"),
     DetectionTask("detection"),
-    ImageCodeTask("image_infilling"),
+    InfillingTask("image_infilling"),
     ImageCodeTask("text_to_image"),
     MaskedImageTask("masked_image_modeling"),
     TextInfillingTask("text_infilling"),

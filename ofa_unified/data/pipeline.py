@@ -40,7 +40,7 @@ from ofa_unified.data.preprocess import ImageTransform
 from ofa_unified.data.readers import BOX_TOLERANCE, DataError, open_dataset, validate_record
 from ofa_unified.tasks import get_task, load_templates
 from ofa_unified.vocab import BOS, EOS, PAD, Vocab, train_sentencepiece
-from ofa_unified.vq import block_mask, crop_middle, mask_middle, mask_patches, pil_to_tensor
+from ofa_unified.vq import block_mask, crop_middle, pil_to_tensor
 
 IGNORE_INDEX = -100  # labels at padded positions (F.cross_entropy's ignore_index)
 IMAGE_OUTPUT_TASKS = ("image_infilling", "text_to_image", "masked_image_modeling")
@@ -124,15 +124,12 @@ def _build(task, image, record, vocab, transform, rng, vq, image_size) -> Exampl
             else:
                 target_image = pil_to_tensor(image, image_size or transform.size)
             record["target_codes"] = vq.encode(target_image[None]).flatten().tolist()
-        if task.name == "image_infilling":
-            pixels = mask_middle(pixels)
-        elif task.name == "masked_image_modeling":
-            grid = math.isqrt(len(record["target_codes"]))
-            if record.get("masked_patches") is None:
-                record["masked_patches"] = block_mask(grid, MIM_RATIO, rng)
-            pixels = mask_patches(pixels, record["masked_patches"], grid)
-        else:
-            pixels, has_image = torch.zeros_like(pixels), False
+        if task.name == "masked_image_modeling" and record.get("masked_patches") is None:
+            record["masked_patches"] = block_mask(math.isqrt(len(record["target_codes"])), MIM_RATIO, rng)
+    if task.name == "text_to_image":
+        pixels, has_image = torch.zeros_like(pixels), False
+    else:
+        pixels = task.encoder_image(pixels, record)
     source_ids = vocab.encode(task.source(record, size, vocab))
     target_ids = vocab.encode(task.target(record, size, vocab, rng), add_bos=False, add_eos=False)
     if not target_ids:
