@@ -206,6 +206,25 @@ def load_state(model: OFAModel, state: dict[str, torch.Tensor], source: str) -> 
     model.load_state_dict(state, strict=True)
 
 
+# Modules a config option adds on top of a trained model; fine-tuning with the option turned on
+# starts them at zero, so the fine-tune begins from the checkpoint's exact function.
+OPTIONAL_MODULES = ("encoder.image_skip_proj.", "encoder.image_pos_proj.")
+
+
+def load_with_new_modules(model: OFAModel, state: dict[str, torch.Tensor], source: str) -> list[str]:
+    """Load `state` into `model`, which may have optional modules the checkpoint lacks (zeroed).
+
+    Returns the zeroed tensors' names; any other missing or unexpected tensor is a CheckpointError.
+    """
+    own = model.state_dict()
+    new = [k for k in own if k not in state and k.startswith(OPTIONAL_MODULES)]
+    with torch.no_grad():
+        for key in new:
+            own[key].zero_()
+    load_state(model, {**state, **{k: own[k] for k in new}}, source)
+    return new
+
+
 def config_from_state(state: dict[str, torch.Tensor], **fixed) -> OFAConfig:
     """Read the architecture off the tensor shapes (fairseq files carry no reliable HF config)."""
 
@@ -487,6 +506,11 @@ def safe_torch_load(path: Path) -> dict:
 
 
 def hf_config(config: OFAConfig) -> dict:
+    extras = [name for name in ("image_skip", "image_pos_content") if getattr(config, name)]
+    if extras:
+        raise CheckpointError(
+            f"{', '.join(extras)}: not part of OFA's architecture; the HF port cannot hold it"
+        )
     resnet = next((n for n, layers in RESNET_LAYERS.items() if layers == tuple(config.resnet_layers)), None)
     if resnet is None or config.resnet_width != 64:
         raise CheckpointError(

@@ -58,6 +58,13 @@ class OFAConfig:
     encoder_drop_path_rate: float = 0.0
     decoder_drop_path_rate: float = 0.0
     resnet_drop_path_rate: float = 0.0
+    # Not in OFA: add the ResNet's stage-1 features, average-pooled to the patch grid, to each patch
+    # embedding. Colour is linearly readable there but a small stem trained on shape-heavy tasks can
+    # lose it by stage 3 (bench/README.md, "What the image stem keeps").
+    image_skip: bool = False
+    # Not in OFA (BEiT/ViT do it): add each patch's position embedding to its content as well as to
+    # the attention bias, so text (box bins, "on the left") can address patches by place.
+    image_pos_content: bool = False
     # Preprocessing and decoding conventions that travel with the weights.
     patch_image_size: int = 480
     prompt_type: str = "none"  # "prev_output": source minus eos is forced as decoder prefix (OFA fine-tuned)
@@ -332,6 +339,8 @@ class Encoder(Stack):
         self.type_embedding = nn.Embedding(2, d)
         self.embed_images = ResNet(cfg.resnet_layers, cfg.resnet_width, cfg.resnet_drop_path_rate)
         self.image_proj = nn.Linear(self.embed_images.out_channels, d)
+        self.image_skip_proj = nn.Linear(self.embed_images.stage_channels[0], d) if cfg.image_skip else None
+        self.image_pos_proj = nn.Linear(d, d) if cfg.image_pos_content else None
         self.patch_layernorm_embedding = nn.LayerNorm(d)
         self.pos_q_linear = nn.Linear(d, d)
         self.pos_k_linear = nn.Linear(d, d)
@@ -339,6 +348,42 @@ class Encoder(Stack):
         self.layers = nn.ModuleList(
             EncoderLayer(cfg, cfg.encoder_heads, cfg.encoder_ffn_dim, rate) for rate in rates
         )
+
+    def _image_features(self, images: torch.Tensor, masks: torch.Tensor | None) -> list[torch.Tensor]:
+        """ResNet stage outputs. In a batch that mixes rows with and without an image (mask False: a
+        text-to-image source), the latter stay zero and out of the stem, so their blank pixels do not
+        enter BatchNorm's batch statistics in training (their tokens are masked out anyway)."""
+        if masks is None or bool(masks.all()) or not bool(masks.any()):
+            return self.embed_images.stages(images)
+        rows = masks.bool()
+        outs = self.embed_images.stages(images[rows])
+        full = [o.new_zeros(images.shape[0], *o.shape[1:]) for o in outs]
+        for f, o in zip(full, outs, strict=True):
+            f[rows] = o
+        return full
+
+    def embed_patches(
+        self, images: torch.Tensor, masks: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Patch embeddings [B, h*w, d] before their LayerNorm, the normalised image positions
+        [1, h*w, d] and the position ids [h*w] the relative bias tables index."""
+        cfg, types = self.cfg, self.type_embedding.weight
+        *early, feats = self._image_features(images, masks)
+        h, w = feats.shape[-2:]
+        if max(h, w) > cfg.image_bucket_size:
+            raise ValueError(
+                f"image gives a {h}x{w} patch grid; at most {cfg.image_bucket_size} per side "
+                f"({cfg.image_bucket_size * 16} px) fit the position table"
+            )
+        img = self.image_proj(feats.flatten(2).transpose(1, 2)) + types[1]
+        if self.image_skip_proj is not None:
+            pooled = F.adaptive_avg_pool2d(early[0], (h, w))
+            img = img + self.image_skip_proj(pooled.flatten(2).transpose(1, 2))
+        ids = image_position_ids(h, w, cfg.image_bucket_size).to(images.device)
+        pos = self.image_pos_ln(self.embed_image_positions(ids))[None]
+        if self.image_pos_proj is not None:
+            img = img + self.image_pos_proj(pos)
+        return img, pos, ids
 
     def forward(
         self,
@@ -355,19 +400,11 @@ class Encoder(Stack):
         pos = self.pos_ln(self.embed_positions.weight[:L]).expand(B, L, -1)
         image_rel_ids = None
         if patch_images is not None:
-            feats = self.embed_images(patch_images)
-            h, w = feats.shape[-2:]
-            if max(h, w) > cfg.image_bucket_size:
-                raise ValueError(
-                    f"image gives a {h}x{w} patch grid; at most {cfg.image_bucket_size} per side "
-                    f"({cfg.image_bucket_size * 16} px) fit the position table"
-                )
-            img = self.image_proj(feats.flatten(2).transpose(1, 2)) + types[1]
+            img, img_pos, image_rel_ids = self.embed_patches(patch_images, patch_masks)
+            img_pos = img_pos.expand(B, -1, -1)
             x = torch.cat([self.dropout(self.patch_layernorm_embedding(img)), x], dim=1)
-            image_rel_ids = image_position_ids(h, w, cfg.image_bucket_size).to(input_ids.device)
-            img_pos = self.image_pos_ln(self.embed_image_positions(image_rel_ids)).expand(B, -1, -1)
             pos = torch.cat([img_pos, pos], dim=1)
-            img_pad = padding.new_zeros(B, h * w)
+            img_pad = padding.new_zeros(B, img.shape[1])
             if patch_masks is not None:
                 img_pad = img_pad | ~patch_masks.bool()[:, None]
             padding = torch.cat([img_pad, padding], dim=1)

@@ -75,11 +75,18 @@ class ResNet(nn.Module):
             stage += [Bottleneck(inplanes, planes, drop_path_rate=rates[j]) for j in range(1, blocks)]
             stages.append(nn.Sequential(*stage))
         self.layer1, self.layer2, self.layer3 = stages
+        self.stage_channels = tuple(width * 2**i * Bottleneck.expansion for i in range(3))
         self.out_channels = inplanes
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
+    def stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The output of each stage (strides 4, 8, 16)."""
+        out = [self.layer1(self.maxpool(self.relu(self.bn1(self.conv1(x)))))]
+        for layer in (self.layer2, self.layer3):
+            out.append(layer(out[-1]))
+        return out
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        return self.layer3(self.layer2(self.layer1(x)))
+        return self.stages(x)[-1]

@@ -264,3 +264,10 @@ def test_official_weights_without_tokenizer_refuse_text(reference_dir, tmp_path)
     assert len(loaded.vocab) == loaded.model.config.vocab_size
     with pytest.raises(TokenizerMissingError, match="vocab.json"):
         loaded.vocab.encode(" what does the image describe?")
+
+
+def test_export_refuses_options_outside_ofa(tmp_path):
+    model = build_model("micro", image_skip=True, image_pos_content=True)
+    vocab = Vocab.without_text(model.config.vocab_size - 1, 0, 0)
+    with pytest.raises(CheckpointError, match="image_skip, image_pos_content: not part of OFA"):
+        export_hf(model, vocab, tmp_path / "hf")

@@ -81,10 +81,13 @@ def test_patch_mask_hides_the_image(micro):
     assert (a - b).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("name", ["micro", "shapes"])
-def test_forward_backward_every_parameter_gets_gradient(name):
+@pytest.mark.parametrize(
+    "name,overrides",
+    [("micro", {}), ("shapes", {}), ("micro", {"image_skip": True, "image_pos_content": True})],
+)
+def test_forward_backward_every_parameter_gets_gradient(name, overrides):
     torch.manual_seed(0)
-    model = build_model(name).train()
+    model = build_model(name, **overrides).train()
     size = model.config.patch_image_size
     ids, img = inputs(batch=2, image=size)
     dec = torch.randint(4, 1000, (2, 5))
@@ -118,3 +121,47 @@ def test_too_large_image_is_refused(micro):
     ids = torch.randint(4, 100, (1, 3))
     with pytest.raises(ValueError, match="patch grid"):
         micro.encode(ids, torch.zeros(1, 3, 16 * 43, 16))
+
+
+def test_added_image_modules_at_zero_are_the_plain_model():
+    """Fine-tuning with image_skip / image_pos_content turned on starts from the checkpoint's exact
+    function; trained, the added modules change what the encoder sees."""
+    from ofa_unified.checkpoint import CheckpointError, load_with_new_modules
+
+    plain = randomized(build_model("micro"))
+    skip = build_model("micro", image_skip=True, image_pos_content=True).eval()
+    assert load_with_new_modules(skip, plain.state_dict(), "plain") == [
+        "encoder.image_skip_proj.weight",
+        "encoder.image_skip_proj.bias",
+        "encoder.image_pos_proj.weight",
+        "encoder.image_pos_proj.bias",
+    ]
+    ids, img = inputs()
+    dec = torch.randint(4, 1000, (3, 4))
+    with torch.no_grad():
+        want, _ = plain(ids, dec, img)
+        got, _ = skip(ids, dec, img)
+        torch.testing.assert_close(got, want)
+        for proj in (skip.encoder.image_skip_proj, skip.encoder.image_pos_proj):
+            proj.weight.normal_()
+            moved, _ = skip(ids, dec, img)
+            assert (moved - want).abs().max() > 1e-3
+            proj.weight.zero_()
+    with pytest.raises(CheckpointError, match="missing tensors.*layer_norm"):
+        state = {k: v for k, v in plain.state_dict().items() if k != "encoder.layer_norm.weight"}
+        load_with_new_modules(skip, state, "plain")
+
+
+def test_rows_without_an_image_stay_out_of_batchnorm_statistics():
+    """Training on a batch that mixes image and no-image rows normalises the image rows as a batch
+    of those rows alone would, and leaves the no-image rows' encoder output unaffected by pixels."""
+    torch.manual_seed(0)
+    model = build_model("micro", dropout=0.0).train()
+    ids, img = inputs(batch=3, pad_last=False)
+    mixed = model.encoder(ids, img, torch.tensor([True, False, True]))
+    alone = model.encoder(ids[[0, 2]], img[[0, 2]], torch.tensor([True, True]))
+    torch.testing.assert_close(mixed.hidden[[0, 2]], alone.hidden)
+    noise = img.clone()
+    noise[1] = torch.randn_like(noise[1]) * 10
+    again = model.encoder(ids, noise, torch.tensor([True, False, True]))
+    torch.testing.assert_close(again.hidden[1], mixed.hidden[1])

@@ -60,7 +60,7 @@ from tqdm import tqdm  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ofa_unified.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from ofa_unified.checkpoint import load_checkpoint, load_with_new_modules, save_checkpoint  # noqa: E402
 from ofa_unified.data.pipeline import (  # noqa: E402
     IGNORE_INDEX,
     IMAGE_OUTPUT_TASKS,
@@ -441,7 +441,7 @@ class MultitaskRecipe:
         if cfg.init:
             loaded = load_checkpoint(cfg.init)
             model = OFAModel(dataclasses.replace(loaded.model.config, **cfg.model_overrides))
-            model.load_state_dict(loaded.model.state_dict())
+            load_with_new_modules(model, loaded.model.state_dict(), cfg.init)
             if self.is_main:
                 logger.info(
                     "fine-tuning %s (%s format); its vocabulary and architecture replace model=%s",
