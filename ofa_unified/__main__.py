@@ -118,6 +118,14 @@ def cmd_convert(args: argparse.Namespace) -> None:
     from ofa_unified.vq import VQTokenizer
 
     loaded = load_checkpoint(args.src)
+    if args.precise_bn:
+        from ofa_unified.data.pipeline import image_batches
+        from ofa_unified.resnet import precise_batchnorm
+
+        size = loaded.model.config.patch_image_size
+        precise_batchnorm(
+            loaded.model.encoder.embed_images, image_batches(args.precise_bn_data, args.precise_bn, size)
+        )
     if args.to == "hf":
         out = export_hf(loaded.model, loaded.vocab, args.out)
     else:
@@ -199,6 +207,19 @@ def main(argv: list[str] | None = None) -> None:
         choices=("float32", "float16", "bfloat16"),
         default="float32",
         help="storage type of floating tensors in the project format (float16 halves the size)",
+    )
+    p.add_argument(
+        "--precise-bn",
+        type=int,
+        default=0,
+        metavar="N",
+        help="recompute the image stem's BatchNorm statistics over N images first (0: keep them)",
+    )
+    p.add_argument(
+        "--precise-bn-data",
+        default="shapes",
+        metavar="SPEC",
+        help="where those images come from: 'shapes' (train split) or a reader spec (jsonl:train.jsonl)",
     )
     p.set_defaults(func=cmd_convert)
 

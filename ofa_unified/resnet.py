@@ -8,8 +8,11 @@ the small CPU sizes use narrower stems.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
+from torch.optim.swa_utils import update_bn
 
 RESNET_LAYERS = {"resnet50": (3, 4, 6), "resnet101": (3, 4, 23), "resnet152": (3, 8, 36)}
 
@@ -90,3 +93,15 @@ class ResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.stages(x)[-1]
+
+
+def precise_batchnorm(stem: ResNet, batches: Iterable[torch.Tensor]) -> None:
+    """Replace the stem's BatchNorm running statistics by the average of their values over `batches`.
+
+    Training keeps an exponential average over the last few mixed batches (image-infilling inputs
+    with a blank middle among them), which can sit far from the statistics of real images; the
+    model evaluates with these running statistics ("precise BN", as in pycls/fvcore).
+    """
+    was_training = stem.training
+    update_bn(batches, stem)
+    stem.train(was_training)

@@ -231,3 +231,11 @@ def test_convert_to_float16_carries_the_vq_tokenizer(micro_with_vq, tmp_path):
     original, half = VQTokenizer.load(micro_with_vq / "vq"), VQTokenizer.load(tmp_path / "half" / "vq")
     for (name, a), b in zip(original.state_dict().items(), half.state_dict().values(), strict=True):
         assert b.dtype == a.dtype and torch.allclose(a.float(), b.float(), atol=1e-2), name
+
+
+def test_convert_can_recompute_batchnorm_statistics(micro_checkpoint, tmp_path):
+    run_cli("convert", str(micro_checkpoint), "--out", str(tmp_path / "pbn"), "--precise-bn", "8")
+    before = load_file(str(micro_checkpoint / "model.safetensors"))
+    after = load_file(str(tmp_path / "pbn" / "model.safetensors"))
+    moved = [k for k in before if not torch.equal(before[k], after[k])]
+    assert moved and all("embed_images" in k and ("running_" in k or "num_batches" in k) for k in moved)

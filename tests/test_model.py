@@ -165,3 +165,23 @@ def test_rows_without_an_image_stay_out_of_batchnorm_statistics():
     noise[1] = torch.randn_like(noise[1]) * 10
     again = model.encoder(ids, noise, torch.tensor([True, False, True]))
     torch.testing.assert_close(again.hidden[1], mixed.hidden[1])
+
+
+def test_precise_batchnorm_averages_the_statistics_of_the_batches():
+    from ofa_unified.data.pipeline import image_batches
+    from ofa_unified.resnet import precise_batchnorm
+
+    torch.manual_seed(0)
+    stem = build_model("micro").encoder.embed_images.eval()
+    assert [len(b) for b in image_batches("shapes", 10, 64, batch_size=4)] == [4, 4, 2]
+    batches = list(image_batches("shapes", 12, 64, batch_size=4))
+    precise_batchnorm(stem, batches)
+    assert not stem.training
+    with torch.no_grad():
+        first = [stem.conv1(b) for b in batches]  # bn1 normalises conv1's output
+    mean = torch.stack([f.mean((0, 2, 3)) for f in first]).mean(0)
+    var = torch.stack([f.var((0, 2, 3)) for f in first]).mean(0)
+    torch.testing.assert_close(stem.bn1.running_mean, mean, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(stem.bn1.running_var, var, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="at least one image"):
+        next(image_batches("shapes", 0, 64))

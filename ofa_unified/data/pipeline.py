@@ -433,6 +433,29 @@ _TEXT_FIELDS = (
 )
 
 
+def image_batches(spec: str, n: int, size: int, batch_size: int = 32) -> Iterator[torch.Tensor]:
+    """The images of the first `n` samples of `spec` ('shapes': the train split; else a reader spec,
+    where an image with several records counts once per record), preprocessed to `size`, in batches
+    (for recomputing BatchNorm statistics)."""
+    if n < 1:
+        raise ValueError(f"need at least one image, got n={n}")
+    transform = ImageTransform(size)
+    if spec == "shapes":
+        images: Iterator[Image.Image] = (shapes.sample("train", i)[0] for i in range(n))
+    else:
+        images = (img for img, _ in open_dataset(spec))
+    batch: list[torch.Tensor] = []
+    for count, image in enumerate(images, 1):
+        batch.append(transform(image)[0])
+        if len(batch) == batch_size or count == n:
+            yield torch.stack(batch)
+            batch = []
+        if count == n:
+            return
+    if batch:
+        yield torch.stack(batch)
+
+
 def shapes_corpus(num_scenes: int, split: str = "train") -> Iterator[str]:
     """Every text of the first `num_scenes` scenes' records, plus the instruction templates."""
     for entry in load_templates().values():
