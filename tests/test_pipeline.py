@@ -269,3 +269,16 @@ def test_split_by_output_separates_code_targets(vocab, transform):
         for key in ("input_ids", "decoder_input_ids", "labels", "patch_images", "code_mask", "patch_masks"):
             assert torch.equal(part[key], alone[key]), key
     assert split_by_output(collate(text))[0]["labels"].shape == collate(text)["labels"].shape
+
+
+def test_image_batches_read_a_reader_spec(tmp_path):
+    from ofa_unified.data.pipeline import image_batches
+
+    for name, color in (("a.png", "red"), ("b.png", "blue")):
+        Image.new("RGB", (40, 30), color).save(tmp_path / name)
+    lines = [{"image": n, "task": "caption", "captions": ["x"]} for n in ("a.png", "b.png", "a.png")]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    batches = list(image_batches(f"jsonl:{tmp_path / 'd.jsonl'}", 5, 32, batch_size=2))
+    assert [tuple(b.shape) for b in batches] == [(2, 3, 32, 32), (1, 3, 32, 32)]  # 3 samples < 5
+    red, blue = batches[0][:, 0, 0, 0]  # red channel of each image's first pixel, in [-1, 1]
+    assert red > 0.9 and blue < -0.5
