@@ -133,7 +133,16 @@ def cmd_convert(args: argparse.Namespace) -> None:
             loaded.model,
             loaded.vocab,
             args.out,
-            extra={"converted_from": str(args.src), "source_format": loaded.format},
+            extra={
+                "converted_from": str(args.src),
+                "source_format": loaded.format,
+                **({"source_meta": loaded.meta} if loaded.meta else {}),
+                **(
+                    {"precise_bn": {"images": args.precise_bn, "data": args.precise_bn_data}}
+                    if args.precise_bn
+                    else {}
+                ),
+            },
             dtype=getattr(torch, args.dtype),
         )
         vq_dir = Path(args.src) / "vq"  # a bundled image tokenizer travels with the model

@@ -239,3 +239,7 @@ def test_convert_can_recompute_batchnorm_statistics(micro_checkpoint, tmp_path):
     after = load_file(str(tmp_path / "pbn" / "model.safetensors"))
     moved = [k for k in before if not torch.equal(before[k], after[k])]
     assert moved and all("embed_images" in k and ("running_" in k or "num_batches" in k) for k in moved)
+    meta = json.loads((tmp_path / "pbn" / "config.json").read_text())["meta"]
+    assert meta["precise_bn"] == {"images": 8, "data": "shapes"} and meta["converted_from"] == str(
+        micro_checkpoint
+    )
