@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ofa_unified.model import OFAConfig, OFAModel
+from ofa_unified.model import NON_OFA_MODULES, OFAConfig, OFAModel
 from ofa_unified.resnet import RESNET_LAYERS
 from ofa_unified.vocab import Vocab
 
@@ -206,18 +206,13 @@ def load_state(model: OFAModel, state: dict[str, torch.Tensor], source: str) -> 
     model.load_state_dict(state, strict=True)
 
 
-# Modules a config option adds on top of a trained model; fine-tuning with the option turned on
-# starts them at zero, so the fine-tune begins from the checkpoint's exact function.
-OPTIONAL_MODULES = ("encoder.image_skip_proj.", "encoder.image_pos_proj.")
-
-
 def load_with_new_modules(model: OFAModel, state: dict[str, torch.Tensor], source: str) -> list[str]:
-    """Load `state` into `model`, which may have optional modules the checkpoint lacks (zeroed).
+    """Load `state` into `model`, whose NON_OFA_MODULES the checkpoint may lack (they start at zero).
 
     Returns the zeroed tensors' names; any other missing or unexpected tensor is a CheckpointError.
     """
     own = model.state_dict()
-    new = [k for k in own if k not in state and k.startswith(OPTIONAL_MODULES)]
+    new = [k for k in own if k not in state and k.startswith(tuple(NON_OFA_MODULES.values()))]
     with torch.no_grad():
         for key in new:
             own[key].zero_()
@@ -506,7 +501,7 @@ def safe_torch_load(path: Path) -> dict:
 
 
 def hf_config(config: OFAConfig) -> dict:
-    extras = [name for name in ("image_skip", "image_pos_content") if getattr(config, name)]
+    extras = [name for name in NON_OFA_MODULES if getattr(config, name)]
     if extras:
         raise CheckpointError(
             f"{', '.join(extras)}: not part of OFA's architecture; the HF port cannot hold it"

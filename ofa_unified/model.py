@@ -30,6 +30,9 @@ from torch import nn
 from ofa_unified.resnet import RESNET_LAYERS, ResNet, drop_path, linspace
 
 PAD_ID = 1
+# OFAConfig options that OFA's architecture lacks -> the module each adds (HF export refuses them;
+# fine-tuning a checkpoint with one turned on starts its module at zero).
+NON_OFA_MODULES = {"image_skip": "encoder.image_skip_proj.", "image_pos_content": "encoder.image_pos_proj."}
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 
 

@@ -28,6 +28,7 @@ import math
 import random
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -441,18 +442,11 @@ def image_batches(spec: str, n: int, size: int, batch_size: int = 32) -> Iterato
         raise ValueError(f"need at least one image, got n={n}")
     transform = ImageTransform(size)
     if spec == "shapes":
-        images: Iterator[Image.Image] = (shapes.sample("train", i)[0] for i in range(n))
+        source: Iterator[Image.Image] = (shapes.sample("train", i)[0] for i in range(n))
     else:
-        images = (img for img, _ in open_dataset(spec))
-    batch: list[torch.Tensor] = []
-    for count, image in enumerate(images, 1):
-        batch.append(transform(image)[0])
-        if len(batch) == batch_size or count == n:
-            yield torch.stack(batch)
-            batch = []
-        if count == n:
-            return
-    if batch:
+        source = (img for img, _ in open_dataset(spec))
+    images = islice(source, n)
+    while batch := [transform(image)[0] for image in islice(images, batch_size)]:
         yield torch.stack(batch)
 
 
