@@ -435,3 +435,29 @@ def test_object_window_rendering_equals_the_full_canvas():
             full = np.asarray(canvas.resize((scene.width, scene.height), Image.Resampling.BOX))
             full = np.where(full >= shapes.MIN_ALPHA, full, 0)
             assert np.array_equal(shapes._object_alpha(obj, scene.width, scene.height), full)
+
+
+@pytest.mark.parametrize("grid", [8, 16])
+def test_cell_labels_own_cells_inside_their_object_and_recover_its_box(scenes, grid):
+    for scene, _ in scenes[:40]:
+        labels = shapes.cell_labels(scene, grid)
+        cell = scene.width / grid
+        owners = set()
+        for gy, gx in zip(*np.nonzero(labels["color"]), strict=True):
+            cx, cy = (gx + 0.5) * cell, (gy + 0.5) * cell
+            box = labels["box"][gy, gx] * scene.width + np.array([cx, cy, cx, cy])
+            obj = next(o for o in scene.objects if np.allclose(box, o.box, atol=1e-3))
+            owners.add(id(obj))
+            assert labels["color"][gy, gx] == 1 + list(COLORS).index(obj.color)
+            assert labels["shape"][gy, gx] == 1 + SHAPES.index(obj.shape)
+            assert labels["size"][gy, gx] == 1 + SIZES.index(obj.size)
+            x0, y0, x1, y1 = obj.box  # the cell overlaps the object's box
+            assert x0 < (gx + 1) * cell and gx * cell < x1 and y0 < (gy + 1) * cell and gy * cell < y1
+        assert owners == {id(o) for o in scene.objects}, "every object owns at least one cell"
+        background = labels["color"] == 0
+        assert (labels["shape"][background] == 0).all() and (labels["box"][background] == 0).all()
+
+
+def test_cell_labels_need_a_grid_that_divides_the_image(scenes):
+    with pytest.raises(ValueError, match="does not split into 10x10 cells"):
+        shapes.cell_labels(scenes[0][0], 10)

@@ -75,6 +75,7 @@ from ofa_unified.data.pipeline import (  # noqa: E402
 )
 from ofa_unified.generate import generate  # noqa: E402
 from ofa_unified.model import PAD_ID, OFAModel, build_model  # noqa: E402
+from ofa_unified.resnet import load_stem  # noqa: E402
 from ofa_unified.tasks import ParseError, get_task  # noqa: E402
 from ofa_unified.vocab import CONFIG_FILE as VOCAB_CONFIG  # noqa: E402
 from ofa_unified.vocab import Vocab  # noqa: E402
@@ -348,6 +349,8 @@ class MultitaskRecipe:
 
         self.vq = self._load_vq()
         self.vocab, model = self._build_model()
+        self.resuming = state is not None
+        self._prepare_stem(model)
         self.tasks = self._task_mix()
         self.model = model.to(self.device)
         mc = self.model.config
@@ -452,6 +455,22 @@ class MultitaskRecipe:
             return loaded.vocab, model
         vocab = self._vocab()
         return vocab, build_model(cfg.model, **{**cfg.model_overrides, "vocab_size": len(vocab)})
+
+    def _prepare_stem(self, model: OFAModel) -> None:
+        """Load the pretrained stem (fresh runs only: a resumed state holds it) and freeze it."""
+        cfg, stem = self.cfg, model.encoder.embed_images
+        if cfg.stem and not self.resuming:
+            meta = load_stem(stem, cfg.stem)
+            if self.is_main:
+                logger.info("image stem from %s (pretrained: %s)", cfg.stem, meta.get("val"))
+        if cfg.freeze_stem:
+            stem.requires_grad_(False)
+
+    def _train_mode(self) -> None:
+        """model.train(), except that a frozen stem keeps evaluating with its stored BatchNorm statistics."""
+        self.model.train()
+        if self.cfg.freeze_stem:
+            self.model.encoder.embed_images.eval()
 
     def _vocab(self) -> Vocab:
         """The given vocabulary, or this run's shapes-world SentencePiece (built once, then reused)."""
@@ -634,7 +653,7 @@ class MultitaskRecipe:
             disable=not (self.is_main and cfg.progress),
         )
         batches = iter(self._loader())
-        self.model.train()
+        self._train_mode()
         window: dict[str, float] = defaultdict(float)
         tick = started = time.perf_counter()
         while self.step < last:
@@ -708,7 +727,7 @@ class MultitaskRecipe:
                 metrics.update(self._val_loss(model))
             for task, examples in self.generate_sets.items():
                 metrics.update(self._greedy(model, task, examples))
-            model.train()
+            self._train_mode()
             if metrics:
                 self._log({"step": self.step, **metrics})
         self._barrier()

@@ -635,6 +635,44 @@ def _entailment(scene: Scene, rng: random.Random, captions: list[str]) -> list[d
     ]
 
 
+# ---------------------------------------------------------------- dense labels (stem pretraining)
+
+# A cell belongs to the object covering most of it, if that object covers CELL_COVER of the cell or
+# CELL_COVER of the object lies in it (a small object split over four cells still labels them).
+CELL_COVER = 0.25
+
+
+def cell_labels(scene: Scene, grid: int) -> dict[str, np.ndarray]:
+    """Per-cell targets on a grid x grid partition of the image, for supervised stem pretraining.
+
+    ``color``/``shape``/``size``: int64 [grid, grid], 0 = background, else 1 + the index into
+    COLORS/SHAPES/SIZES; ``box``: float32 [grid, grid, 4], the owning object's box minus the cell
+    centre, divided by the image side (zeros on background cells).
+    """
+    if scene.width % grid or scene.height % grid:
+        raise ValueError(f"a {scene.width}x{scene.height} image does not split into {grid}x{grid} cells")
+    ch, cw = scene.height // grid, scene.width // grid
+    labels = {k: np.zeros((grid, grid), np.int64) for k in ATTRIBUTES}
+    box = np.zeros((grid, grid, 4), np.float32)
+    best = np.zeros((grid, grid), np.float32)
+    ys, xs = (np.arange(grid, dtype=np.float32) + 0.5) * ch, (np.arange(grid, dtype=np.float32) + 0.5) * cw
+    for obj in scene.objects:
+        alpha = _object_alpha(obj, scene.width, scene.height).astype(np.float32) / 255.0
+        cover = alpha.reshape(grid, ch, grid, cw).sum(axis=(1, 3))
+        share = cover / (ch * cw)
+        owned = ((share >= CELL_COVER) | (cover >= CELL_COVER * alpha.sum())) & (share > best)
+        best = np.where(owned, share, best)
+        labels["color"][owned] = 1 + list(COLORS).index(obj.color)
+        labels["shape"][owned] = 1 + SHAPES.index(obj.shape)
+        labels["size"][owned] = 1 + SIZES.index(obj.size)
+        x0, y0, x1, y1 = obj.box
+        offsets = np.stack(
+            np.broadcast_arrays(x0 - xs[None], y0 - ys[:, None], x1 - xs[None], y1 - ys[:, None]), -1
+        )
+        box[owned] = offsets[owned] / scene.width
+    return {**labels, "box": box}
+
+
 # ---------------------------------------------------------------- iteration and files
 
 

@@ -40,6 +40,8 @@ class TrainConfig:
     # image twice and dropout only slows a CPU-sized run down.
     model_overrides: dict[str, Any] = field(default_factory=lambda: {"dropout": 0.0})
     init: str | None = None  # fine-tune from a checkpoint (own / HF-port / fairseq); keeps its vocabulary
+    stem: str | None = None  # a pretrained image stem (train/stem.py) loaded over the model's ResNet
+    freeze_stem: bool = False  # keep the ResNet's weights and BatchNorm statistics fixed
     # --- vocabulary
     vocab: str | None = None  # a Vocab directory; None: SentencePiece trained on shapes-world text
     vocab_size: int = 512  # SentencePiece pieces incl. 4 specials and 256 byte-fallback pieces

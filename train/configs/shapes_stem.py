@@ -1,0 +1,22 @@
+# Launch (~100 minutes on the 2-core CPU, after pretraining the stem for ~12 minutes):
+#   python train/stem.py --model shapes --steps 1500 --out runs/stem
+#   python train/multitask.py --config train/configs/shapes_stem.py --vq checkpoints/default/vq
+"""The `shapes` model on a pretrained, frozen image stem, with image positions added to the patch content.
+
+The stem (train/stem.py) already tells colour, shape and size apart in every stride-16 cell, so the
+transformer only has to learn the tasks; freezing it keeps colour from being trained away (it was,
+end to end: bench/README.md) and saves the stem's backward pass. Positions enter the patch content
+(`image_pos_content`) so box coordinates need not be inferred from the stem's zero padding.
+"""
+
+from train.configs.shapes import TrainConfig
+
+config = TrainConfig(
+    model_overrides={"dropout": 0.0, "image_pos_content": True},
+    stem="runs/stem",
+    freeze_stem=True,
+    max_steps=6000,
+    eval_interval=1000,
+    save_interval=500,
+    out_dir="runs/shapes_stem",
+)
