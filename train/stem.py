@@ -16,7 +16,6 @@ with per-cell accuracies on val scenes (objects' cells only, and background), wr
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -34,6 +33,7 @@ from ofa_unified.data.preprocess import image_to_tensor  # noqa: E402
 from ofa_unified.data.shapes import ATTRIBUTES, COLORS, SHAPES, SIZES, cell_labels, sample  # noqa: E402
 from ofa_unified.model import model_config  # noqa: E402
 from ofa_unified.resnet import ResNet, save_stem  # noqa: E402
+from train.vq_tokenizer import lr_at  # noqa: E402  (warmup, then cosine to 10%: the same schedule)
 
 STATE_NAME = "train_state.pt"
 STRIDE = 16  # the stem's output stride
@@ -118,13 +118,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
     parser.add_argument("--no-progress", action="store_true")
     return parser.parse_args(argv)
-
-
-def lr_at(step: int, args: argparse.Namespace) -> float:
-    if step < args.warmup:
-        return args.lr * (step + 1) / args.warmup
-    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
-    return args.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
