@@ -7,8 +7,9 @@
 
 The stem (train/stem.py) already tells colour, shape and size apart in every stride-16 cell;
 freezing it keeps colour from being trained away (it was, end to end: bench/README.md) and saves
-the stem's backward pass. The transformer still did not learn to read colour from it in this budget. Positions enter the patch content
-(`image_pos_content`) so box coordinates need not be inferred from the stem's zero padding.
+the stem's backward pass. Positions enter the patch content (`image_pos_content`) so box
+coordinates need not be inferred from the stem's zero padding. The transformer still did not
+learn to read colour from the stem in that budget.
 """
 
 from train.configs.shapes import TrainConfig
