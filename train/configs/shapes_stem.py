@@ -1,8 +1,8 @@
-# Measured once (session 4, CPU, 100 min, 5819 steps x 32 = 186k samples): worse than the bundled
-# model on every task (bench/results/eval_stem_cpu_session4.json; README "The bundled model").
 # Launch (~100 minutes on the 2-core CPU, after pretraining the stem for ~12 minutes):
 #   python train/stem.py --model shapes --steps 1500 --out runs/stem
 #   python train/multitask.py --config train/configs/shapes_stem.py --vq checkpoints/default/vq
+# Measured once (session 4, CPU, 100 min, 5819 steps x 32 = 186k samples): worse than the bundled
+# model on every task (bench/results/eval_stem_cpu_session4.json; README "The bundled model").
 """The `shapes` model on a pretrained, frozen image stem, with image positions added to the patch content.
 
 The stem (train/stem.py) already tells colour, shape and size apart in every stride-16 cell;
