@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ofa_unified.model import NON_OFA_MODULES, OFAConfig, OFAModel
-from ofa_unified.resnet import RESNET_LAYERS
+from ofa_unified.resnet import RESNET_LAYERS, ResNet
 from ofa_unified.vocab import Vocab
 
 FORMAT = "ofa-unified"
@@ -158,6 +158,66 @@ def _load_own(path: Path, raw: dict) -> Loaded:
     model = OFAModel(config)
     load_state(model, load_file(str(weights)), source=str(weights))
     return Loaded(model, Vocab.load(path), FORMAT, meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# Single modules saved as safetensors + JSON (the VQ tokenizer, a pretrained stem)
+
+
+def write_weights(
+    directory: str | Path, weights_name: str, state: dict[str, torch.Tensor], config_name: str, config: dict
+) -> None:
+    """Write `state` and `config` into `directory`, each under a temp name then renamed, so a
+    reader never sees a half-written file."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(directory / (weights_name + ".tmp")))
+    os.replace(directory / (weights_name + ".tmp"), directory / weights_name)
+    (directory / (config_name + ".tmp")).write_text(json.dumps(config, indent=2) + "\n")
+    os.replace(directory / (config_name + ".tmp"), directory / config_name)
+
+
+def load_strict(
+    module: torch.nn.Module, path: Path, fits: str, map_location: str | torch.device = "cpu"
+) -> None:
+    """Load the safetensors file `path` into `module`; any missing, unexpected or differently shaped
+    tensor is a ValueError naming the file, what it should fit, and the first few offending keys."""
+    state = load_file(str(path), device=str(map_location))
+    expected = module.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    mismatched = [
+        f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+        for k, v in state.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        raise ValueError(
+            f"{path} does not fit {fits}: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+            f"shapes {mismatched[:5]}"
+        )
+    module.load_state_dict(state)
+
+
+STEM_WEIGHTS, STEM_CONFIG = "stem.safetensors", "stem.json"
+
+
+def save_stem(stem: ResNet, directory: str | Path, meta: dict) -> None:
+    """Write a pretrained stem (`stem.safetensors`, BatchNorm statistics included) and `stem.json`
+    (its `meta`: layers, width, image size, how it was trained)."""
+    state = {k: v.detach().contiguous().cpu() for k, v in stem.state_dict().items()}
+    write_weights(directory, STEM_WEIGHTS, state, STEM_CONFIG, meta)
+
+
+def load_stem(stem: ResNet, directory: str | Path) -> dict:
+    """Load `save_stem`'s weights into `stem` (every key and shape checked); returns its meta."""
+    directory = Path(directory)
+    if not (directory / STEM_WEIGHTS).exists():
+        raise FileNotFoundError(
+            f"{directory} holds no pretrained stem ({STEM_WEIGHTS}); make one with train/stem.py"
+        )
+    fits = "this model's image stem (resnet_layers/resnet_width differ?)"
+    load_strict(stem, directory / STEM_WEIGHTS, fits)
+    return json.loads((directory / STEM_CONFIG).read_text())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,13 +8,9 @@ the small CPU sizes use narrower stems.
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Iterable
-from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.optim.swa_utils import update_bn
 
@@ -109,43 +105,3 @@ def precise_batchnorm(stem: ResNet, batches: Iterable[torch.Tensor]) -> None:
     was_training = stem.training
     update_bn(batches, stem)
     stem.train(was_training)
-
-
-STEM_WEIGHTS, STEM_CONFIG = "stem.safetensors", "stem.json"
-
-
-def save_stem(stem: ResNet, directory: str | Path, meta: dict) -> None:
-    """Write a pretrained stem (`stem.safetensors`, BatchNorm statistics included) and `stem.json`
-    (its `meta`: layers, width, image size, how it was trained), each via a temp name and rename."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in stem.state_dict().items()}
-    save_file(state, str(directory / (STEM_WEIGHTS + ".tmp")))
-    os.replace(directory / (STEM_WEIGHTS + ".tmp"), directory / STEM_WEIGHTS)
-    (directory / (STEM_CONFIG + ".tmp")).write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(directory / (STEM_CONFIG + ".tmp"), directory / STEM_CONFIG)
-
-
-def load_stem(stem: ResNet, directory: str | Path) -> dict:
-    """Load `save_stem`'s weights into `stem` (every key and shape checked); returns its meta."""
-    directory = Path(directory)
-    if not (directory / STEM_WEIGHTS).exists():
-        raise FileNotFoundError(
-            f"{directory} holds no pretrained stem ({STEM_WEIGHTS}); make one with train/stem.py"
-        )
-    state = load_file(str(directory / STEM_WEIGHTS))
-    expected = stem.state_dict()
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    mismatched = [
-        f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
-        for k, v in state.items()
-        if k in expected and v.shape != expected[k].shape
-    ]
-    if missing or unexpected or mismatched:
-        raise ValueError(
-            f"{directory / STEM_WEIGHTS} does not fit this model's image stem "
-            f"(resnet_layers/resnet_width differ?): missing {missing[:3]}, unexpected {unexpected[:3]}, "
-            f"shapes {mismatched[:3]}"
-        )
-    stem.load_state_dict(state)
-    return json.loads((directory / STEM_CONFIG).read_text())

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
@@ -35,8 +34,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+
+from ofa_unified.checkpoint import load_strict, write_weights
 
 WEIGHTS_NAME = "vq.safetensors"
 CONFIG_NAME = "vq_config.json"
@@ -308,16 +308,10 @@ class VQTokenizer(nn.Module):
 
         `dtype` stores floating tensors smaller (float16 halves a bundled tokenizer); `load` casts back.
         """
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         if dtype is not None:
             state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-        # Temp names then rename, so a reader never sees a half-written file.
-        save_file(state, str(directory / (WEIGHTS_NAME + ".tmp")))
-        os.replace(directory / (WEIGHTS_NAME + ".tmp"), directory / WEIGHTS_NAME)
-        (directory / (CONFIG_NAME + ".tmp")).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
-        os.replace(directory / (CONFIG_NAME + ".tmp"), directory / CONFIG_NAME)
+        write_weights(directory, WEIGHTS_NAME, state, CONFIG_NAME, self.config.to_dict())
 
     @classmethod
     def load(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> VQTokenizer:
@@ -325,25 +319,7 @@ class VQTokenizer(nn.Module):
         directory = Path(directory)
         config = VQConfig.from_dict(json.loads((directory / CONFIG_NAME).read_text()))
         model = cls(config)
-        state = load_file(str(directory / WEIGHTS_NAME), device=str(map_location))
-        expected = model.state_dict()
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        if missing or unexpected:
-            raise ValueError(
-                f"{directory / WEIGHTS_NAME}: missing keys {missing}, unexpected keys {unexpected}"
-            )
-        mismatched = [
-            f"tensor {name!r}: checkpoint {tuple(tensor.shape)} vs model {tuple(expected[name].shape)}"
-            for name, tensor in state.items()
-            if tensor.shape != expected[name].shape
-        ]
-        if mismatched:
-            raise ValueError(
-                f"{directory / WEIGHTS_NAME} does not fit the model built from {CONFIG_NAME}: "
-                + "; ".join(mismatched)
-            )
-        model.load_state_dict(state)
+        load_strict(model, directory / WEIGHTS_NAME, f"the model built from {CONFIG_NAME}", map_location)
         return model.to(map_location).eval()
 
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from ofa_unified import load_checkpoint
+from ofa_unified.checkpoint import load_stem
 from ofa_unified.data.pipeline import build_shapes_vocab
-from ofa_unified.resnet import ResNet, load_stem
+from ofa_unified.resnet import ResNet
 
 stem_script = pytest.importorskip("train.stem")
 multitask = pytest.importorskip("train.multitask")

@@ -60,7 +60,12 @@ from tqdm import tqdm  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ofa_unified.checkpoint import load_checkpoint, load_with_new_modules, save_checkpoint  # noqa: E402
+from ofa_unified.checkpoint import (  # noqa: E402
+    load_checkpoint,
+    load_stem,
+    load_with_new_modules,
+    save_checkpoint,
+)
 from ofa_unified.data.pipeline import (  # noqa: E402
     IGNORE_INDEX,
     IMAGE_OUTPUT_TASKS,
@@ -75,7 +80,6 @@ from ofa_unified.data.pipeline import (  # noqa: E402
 )
 from ofa_unified.generate import generate  # noqa: E402
 from ofa_unified.model import PAD_ID, OFAModel, build_model  # noqa: E402
-from ofa_unified.resnet import load_stem  # noqa: E402
 from ofa_unified.tasks import ParseError, get_task  # noqa: E402
 from ofa_unified.vocab import CONFIG_FILE as VOCAB_CONFIG  # noqa: E402
 from ofa_unified.vocab import Vocab  # noqa: E402
@@ -349,8 +353,7 @@ class MultitaskRecipe:
 
         self.vq = self._load_vq()
         self.vocab, model = self._build_model()
-        self.resuming = state is not None
-        self._prepare_stem(model)
+        self._prepare_stem(model, fresh=state is None)
         self.tasks = self._task_mix()
         self.model = model.to(self.device)
         mc = self.model.config
@@ -456,10 +459,10 @@ class MultitaskRecipe:
         vocab = self._vocab()
         return vocab, build_model(cfg.model, **{**cfg.model_overrides, "vocab_size": len(vocab)})
 
-    def _prepare_stem(self, model: OFAModel) -> None:
+    def _prepare_stem(self, model: OFAModel, fresh: bool) -> None:
         """Load the pretrained stem (fresh runs only: a resumed state holds it) and freeze it."""
         cfg, stem = self.cfg, model.encoder.embed_images
-        if cfg.stem and not self.resuming:
+        if cfg.stem and fresh:
             meta = load_stem(stem, cfg.stem)
             if self.is_main:
                 logger.info("image stem from %s (pretrained: %s)", cfg.stem, meta.get("val"))

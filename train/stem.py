@@ -29,10 +29,19 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ofa_unified.checkpoint import save_stem  # noqa: E402
 from ofa_unified.data.preprocess import image_to_tensor  # noqa: E402
-from ofa_unified.data.shapes import ATTRIBUTES, COLORS, SHAPES, SIZES, cell_labels, sample  # noqa: E402
+from ofa_unified.data.shapes import (  # noqa: E402
+    ATTRIBUTES,
+    COLORS,
+    SHAPES,
+    SIZES,
+    SPLIT_SIZE,
+    cell_labels,
+    sample,
+)
 from ofa_unified.model import model_config  # noqa: E402
-from ofa_unified.resnet import ResNet, save_stem  # noqa: E402
+from ofa_unified.resnet import ResNet  # noqa: E402
 from train.vq_tokenizer import lr_at  # noqa: E402  (warmup, then cosine to 10%: the same schedule)
 
 STATE_NAME = "train_state.pt"
@@ -48,7 +57,7 @@ class DenseScenes(Dataset):
         self.split, self.image_size = split, image_size
 
     def __len__(self) -> int:
-        return 10_000_000
+        return SPLIT_SIZE
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         image, scene = sample(self.split, i, self.image_size)
