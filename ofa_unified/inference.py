@@ -29,6 +29,7 @@ from ofa_unified.tasks import (
     parse_free,
 )
 from ofa_unified.vocab import Vocab
+from ofa_unified.vq import encoder_codes
 
 VQ_DIR = "vq"  # a VQ tokenizer bundled inside the checkpoint directory enables image outputs
 FREE_DEFAULTS = {"beam_size": 5, "max_new_tokens": 32, "no_repeat_ngram_size": 3}
@@ -75,6 +76,8 @@ class Predictor:
         self.vocab = vocab
         self.device = torch.device(device)
         self.vq = vq.to(device).eval() if vq is not None else None
+        if model.config.image_tokens and vq is None:
+            raise ValueError("this model reads images as VQ codes (image_tokens=True): pass its VQ tokenizer")
         self.image_size = image_size or model.config.patch_image_size
         self.transform = ImageTransform(self.image_size)
         self.max_source_tokens = max_source_tokens or model.config.max_positions
@@ -170,11 +173,13 @@ class Predictor:
         images = torch.stack([p.image for p in batch])
         masks = torch.tensor([p.has_image for p in batch])
         code = torch.tensor([p.code_output for p in batch])
+        images = images.to(self.device)
         return self.model.encode(
             ids.to(self.device),
-            images.to(self.device),
+            images,
             masks.to(self.device),
             code.to(self.device) if code.any() else None,
+            encoder_codes(self.model.config, self.vq, self.vocab, images),
         )
 
     def _run(self, batch: list[_Prepared]) -> list[dict]:

@@ -32,7 +32,11 @@ from ofa_unified.resnet import RESNET_LAYERS, ResNet, drop_path, linspace
 PAD_ID = 1
 # OFAConfig options that OFA's architecture lacks -> the module each adds (HF export refuses them;
 # fine-tuning a checkpoint with one turned on starts its module at zero).
-NON_OFA_MODULES = {"image_skip": "encoder.image_skip_proj.", "image_pos_content": "encoder.image_pos_proj."}
+NON_OFA_MODULES = {
+    "image_skip": "encoder.image_skip_proj.",
+    "image_pos_content": "encoder.image_pos_proj.",
+    "image_tokens": "encoder.image_code_proj.",
+}
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 
 
@@ -68,6 +72,11 @@ class OFAConfig:
     # Not in OFA (BEiT/ViT do it): add each patch's position embedding to its content as well as to
     # the attention bias, so text (box bins, "on the left") can address patches by place.
     image_pos_content: bool = False
+    # Not in OFA (BEiT-3: images as tokens on the input side too): add to each patch the embeddings of
+    # the VQ codes it covers (the shared token embedding, averaged onto the patch grid). The tokenizer
+    # keeps colour and texture (31 dB) that a stem trained on these tasks drops; callers pass the code
+    # grid as `image_codes` (`vq.encoder_codes`).
+    image_tokens: bool = False
     # Preprocessing and decoding conventions that travel with the weights.
     patch_image_size: int = 480
     prompt_type: str = "none"  # "prev_output": source minus eos is forced as decoder prefix (OFA fine-tuned)
@@ -344,6 +353,7 @@ class Encoder(Stack):
         self.image_proj = nn.Linear(self.embed_images.out_channels, d)
         self.image_skip_proj = nn.Linear(self.embed_images.stage_channels[0], d) if cfg.image_skip else None
         self.image_pos_proj = nn.Linear(d, d) if cfg.image_pos_content else None
+        self.image_code_proj = nn.Linear(d, d) if cfg.image_tokens else None
         self.patch_layernorm_embedding = nn.LayerNorm(d)
         self.pos_q_linear = nn.Linear(d, d)
         self.pos_k_linear = nn.Linear(d, d)
@@ -365,11 +375,27 @@ class Encoder(Stack):
             f[rows] = o
         return full
 
+    def _code_embeddings(self, codes: torch.Tensor | None, h: int, w: int) -> torch.Tensor:
+        """Token embeddings of a [B, gh, gw] grid of code ids, averaged onto the h x w patch grid and
+        normalised (no affine: the projection after it starts at zero when fine-tuning turns it on)."""
+        if codes is None:
+            raise ValueError(
+                "this model reads each image's VQ codes as well (image_tokens=True); pass image_codes"
+            )
+        gh, gw = codes.shape[-2:]
+        if gh % h or gw % w:
+            raise ValueError(f"a {gh}x{gw} code grid does not pool onto the {h}x{w} patch grid")
+        emb = self.embed_tokens(codes).permute(0, 3, 1, 2)
+        pooled = F.avg_pool2d(emb, (gh // h, gw // w)).flatten(2).transpose(1, 2)
+        return F.layer_norm(pooled, pooled.shape[-1:])
+
     def embed_patches(
-        self, images: torch.Tensor, masks: torch.Tensor | None = None
+        self, images: torch.Tensor, masks: torch.Tensor | None = None, codes: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Patch embeddings [B, h*w, d] before their LayerNorm, the normalised image positions
-        [1, h*w, d] and the position ids [h*w] the relative bias tables index."""
+        """Patch embeddings [B, h*w, d] as the transformer reads them (before dropout), the normalised
+        image positions [1, h*w, d] and the position ids [h*w] the relative bias tables index.
+        `codes`: the images' VQ code ids, for an `image_tokens` model; their term joins after the
+        patch LayerNorm, so stem features of a large norm do not drown it."""
         cfg, types = self.cfg, self.type_embedding.weight
         *early, feats = self._image_features(images, masks)
         h, w = feats.shape[-2:]
@@ -386,6 +412,9 @@ class Encoder(Stack):
         pos = self.image_pos_ln(self.embed_image_positions(ids))[None]
         if self.image_pos_proj is not None:
             img = img + self.image_pos_proj(pos)
+        img = self.patch_layernorm_embedding(img)
+        if self.image_code_proj is not None:
+            img = img + self.image_code_proj(self._code_embeddings(codes, h, w))
         return img, pos, ids
 
     def forward(
@@ -393,6 +422,7 @@ class Encoder(Stack):
         input_ids: torch.Tensor,
         patch_images: torch.Tensor | None = None,
         patch_masks: torch.Tensor | None = None,
+        image_codes: torch.Tensor | None = None,
     ) -> EncoderOutput:
         cfg, (B, L) = self.cfg, input_ids.shape
         if cfg.max_positions < L:
@@ -403,9 +433,9 @@ class Encoder(Stack):
         pos = self.pos_ln(self.embed_positions.weight[:L]).expand(B, L, -1)
         image_rel_ids = None
         if patch_images is not None:
-            img, img_pos, image_rel_ids = self.embed_patches(patch_images, patch_masks)
+            img, img_pos, image_rel_ids = self.embed_patches(patch_images, patch_masks, image_codes)
             img_pos = img_pos.expand(B, -1, -1)
-            x = torch.cat([self.dropout(self.patch_layernorm_embedding(img)), x], dim=1)
+            x = torch.cat([self.dropout(img), x], dim=1)
             pos = torch.cat([img_pos, pos], dim=1)
             img_pad = padding.new_zeros(B, img.shape[1])
             if patch_masks is not None:
@@ -564,8 +594,9 @@ class OFAModel(nn.Module):
         patch_images: torch.Tensor | None = None,
         patch_masks: torch.Tensor | None = None,
         code_mask: torch.Tensor | None = None,
+        image_codes: torch.Tensor | None = None,
     ) -> EncoderOutput:
-        enc = self.encoder(input_ids, patch_images, patch_masks)
+        enc = self.encoder(input_ids, patch_images, patch_masks, image_codes)
         enc.code_mask = code_mask
         return enc
 
@@ -582,8 +613,9 @@ class OFAModel(nn.Module):
         patch_images: torch.Tensor | None = None,
         patch_masks: torch.Tensor | None = None,
         code_mask: torch.Tensor | None = None,
+        image_codes: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, EncoderOutput]:
-        enc = self.encode(input_ids, patch_images, patch_masks, code_mask)
+        enc = self.encode(input_ids, patch_images, patch_masks, code_mask, image_codes)
         logits, _ = self.decode(decoder_input_ids, enc, use_cache=False)
         return logits, enc
 

@@ -29,6 +29,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -37,6 +38,10 @@ from PIL import Image
 from torch import Tensor, nn
 
 from ofa_unified.checkpoint import load_strict, write_weights
+
+if TYPE_CHECKING:
+    from ofa_unified.model import OFAConfig
+    from ofa_unified.vocab import Vocab
 
 WEIGHTS_NAME = "vq.safetensors"
 CONFIG_NAME = "vq_config.json"
@@ -321,6 +326,21 @@ class VQTokenizer(nn.Module):
         model = cls(config)
         load_strict(model, directory / WEIGHTS_NAME, f"the model built from {CONFIG_NAME}", map_location)
         return model.to(map_location).eval()
+
+
+def encoder_codes(config: OFAConfig, vq: VQTokenizer | None, vocab: Vocab, images: Tensor) -> Tensor | None:
+    """The code grid of each encoder image as joint-vocabulary ids, which a model whose `config` has
+    `image_tokens` reads beside its stem's features; None for other models."""
+    if not config.image_tokens:
+        return None
+    if vq is None:
+        raise ValueError(
+            "this model reads images as VQ codes too (image_tokens=True) and needs its VQ tokenizer "
+            "(a vq/ directory in the checkpoint, or --vq when training)"
+        )
+    with torch.no_grad():
+        codes = vq.encode(images.to(vq.device, torch.float32))
+    return (codes + vocab.code_id(0)).to(images.device)
 
 
 def psnr(recon: Tensor, target: Tensor) -> Tensor:

@@ -124,32 +124,59 @@ def test_too_large_image_is_refused(micro):
 
 
 def test_added_image_modules_at_zero_are_the_plain_model():
-    """Fine-tuning with image_skip / image_pos_content turned on starts from the checkpoint's exact
-    function; trained, the added modules change what the encoder sees."""
+    """Fine-tuning with image_skip / image_pos_content / image_tokens turned on starts from the
+    checkpoint's exact function; trained, each added module changes what the encoder sees."""
     from ofa_unified.checkpoint import CheckpointError, load_with_new_modules
 
     plain = randomized(build_model("micro"))
-    skip = build_model("micro", image_skip=True, image_pos_content=True).eval()
-    assert load_with_new_modules(skip, plain.state_dict(), "plain") == [
+    extra = build_model("micro", image_skip=True, image_pos_content=True, image_tokens=True).eval()
+    assert load_with_new_modules(extra, plain.state_dict(), "plain") == [
         "encoder.image_skip_proj.weight",
         "encoder.image_skip_proj.bias",
         "encoder.image_pos_proj.weight",
         "encoder.image_pos_proj.bias",
+        "encoder.image_code_proj.weight",
+        "encoder.image_code_proj.bias",
     ]
     ids, img = inputs()
+    codes = torch.randint(500, 600, (3, 8, 8))  # a 64 px image: 4x4 patches, 8x8 codes
     dec = torch.randint(4, 1000, (3, 4))
     with torch.no_grad():
         want, _ = plain(ids, dec, img)
-        got, _ = skip(ids, dec, img)
+        got, _ = extra(ids, dec, img, image_codes=codes)
         torch.testing.assert_close(got, want)
-        for proj in (skip.encoder.image_skip_proj, skip.encoder.image_pos_proj):
+        enc = extra.encoder
+        for proj in (enc.image_skip_proj, enc.image_pos_proj, enc.image_code_proj):
             proj.weight.normal_()
-            moved, _ = skip(ids, dec, img)
+            moved, _ = extra(ids, dec, img, image_codes=codes)
             assert (moved - want).abs().max() > 1e-3
             proj.weight.zero_()
     with pytest.raises(CheckpointError, match="missing tensors.*layer_norm"):
         state = {k: v for k, v in plain.state_dict().items() if k != "encoder.layer_norm.weight"}
-        load_with_new_modules(skip, state, "plain")
+        load_with_new_modules(extra, state, "plain")
+
+
+def test_image_tokens_read_each_patch_own_codes():
+    """With image_tokens a patch sees the mean embedding of the codes it covers, and only those:
+    changing the codes under one patch changes the encoder input of that patch alone."""
+    torch.manual_seed(0)
+    model = build_model("micro", image_tokens=True, dropout=0.0).eval()
+    ids, img = inputs(batch=1, pad_last=False)
+    codes = torch.randint(500, 600, (1, 8, 8))
+    with torch.no_grad():
+        before, _, _ = model.encoder.embed_patches(img, None, codes)
+        changed = codes.clone()
+        changed[0, 2:4, 4:6] = 7  # the 2x2 codes of patch (row 1, column 2)
+        after, _, _ = model.encoder.embed_patches(img, None, changed)
+        pooled = model.encoder.embed_tokens(codes[0, 2:4, 4:6]).mean((0, 1))
+        normed = (pooled - pooled.mean()) / (pooled.var(unbiased=False) + 1e-5).sqrt()
+        torch.testing.assert_close(model.encoder._code_embeddings(codes, 4, 4)[0, 6], normed)
+    moved = (after - before).abs().amax(-1)[0]
+    assert moved.nonzero().flatten().tolist() == [1 * 4 + 2]
+    with pytest.raises(ValueError, match="pass image_codes"):
+        model.encode(ids, img)
+    with pytest.raises(ValueError, match="7x7 code grid does not pool onto the 4x4 patch grid"):
+        model.encode(ids, img, image_codes=codes[:, :7, :7])
 
 
 def test_rows_without_an_image_stay_out_of_batchnorm_statistics():

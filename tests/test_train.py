@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from ofa_unified import Vocab, build_model, load_checkpoint, save_checkpoint
+from ofa_unified.data import shapes
 from ofa_unified.data.pipeline import build_shapes_vocab
 
 multitask = pytest.importorskip("train.multitask")
@@ -156,3 +157,31 @@ def test_fine_tuning_starts_from_a_checkpoint_and_keeps_its_vocab(tmp_path, voca
     assert tuned.model.config.d_model == 32 and len(tuned.vocab) == len(vocab)  # not the shapes size
     before, after = start.state_dict(), tuned.model.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_image_tokens_model_trains_saves_its_tokenizer_and_predicts(tmp_path, vocab_dir):
+    """image_tokens (the encoder reads each image's VQ codes): training, its evaluation, the saved
+    checkpoint (which must carry the tokenizer even without image-output tasks) and the Predictor."""
+    from ofa_unified.inference import Predictor, Request
+    from ofa_unified.vq import VQConfig, VQTokenizer
+
+    VQTokenizer(VQConfig(channels=8, num_res_blocks=0, patch_hidden=8, codebook_size=16, code_dim=8)).save(
+        tmp_path / "vq"
+    )
+    args = micro_args(
+        tmp_path / "run", vocab_dir, "--max-steps", "3", "--eval-samples", "4", "--eval-generate", "2"
+    )
+    args[args.index("--model-overrides") + 1] = "dropout=0,image_tokens=true"
+    result = multitask.main([*args, "--vq", str(tmp_path / "vq")])
+    assert result["step"] == 3 and "vqa/vqa_accuracy" in result["metrics"]
+    model_dir = tmp_path / "run" / "model"
+    assert (model_dir / "vq" / "vq_config.json").exists()
+    predictor = Predictor.from_checkpoint(model_dir)
+    assert predictor.model.config.image_tokens
+    image = shapes.sample("val", 0, 64)[0]
+    answer = predictor.predict([Request(image, "vqa", {"question": "what color is the circle?"})])[0]
+    assert isinstance(answer["answer"], str)
+    with pytest.raises(ValueError, match="needs its VQ tokenizer|pass its VQ tokenizer"):
+        Predictor(predictor.model, predictor.vocab)
+    with pytest.raises(ValueError, match="image_tokens reads images as VQ codes"):
+        multitask.main([*args, "--vq", "none", "--no-resume"])

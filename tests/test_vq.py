@@ -218,3 +218,20 @@ def test_mask_patches_blanks_exactly_the_given_cells():
     assert int((out == 0).sum()) == 2 * 3 * 8 * 8 and (image != 0).all()  # the input is untouched
     with pytest.raises(ValueError, match="does not split"):
         mask_patches(torch.rand(3, 30, 30), [0], grid=4)
+
+
+def test_encoder_codes_are_vocabulary_ids_of_the_image_code_grid():
+    from ofa_unified.model import OFAConfig
+    from ofa_unified.vocab import Vocab
+    from ofa_unified.vq import encoder_codes
+
+    vocab = Vocab.without_text(subword_size=40, num_codes=16, num_bins=8)
+    vq = VQTokenizer(TINY).eval()
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert encoder_codes(OFAConfig(), vq, vocab, images) is None  # a model without image_tokens
+    reading = OFAConfig(image_tokens=True)
+    ids = encoder_codes(reading, vq, vocab, images)
+    assert ids.shape == (2, 4, 4) and torch.equal(ids - vocab.code_id(0), vq.encode(images))
+    assert all(vocab.is_code(int(i)) for i in ids.flatten())
+    with pytest.raises(ValueError, match="needs its VQ tokenizer"):
+        encoder_codes(reading, None, vocab, images)

@@ -27,6 +27,7 @@ sample index, so a killed and resumed run repeats an uninterrupted run's losses 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import functools
 import importlib.util
@@ -84,7 +85,7 @@ from ofa_unified.tasks import ParseError, get_task  # noqa: E402
 from ofa_unified.vocab import CONFIG_FILE as VOCAB_CONFIG  # noqa: E402
 from ofa_unified.vocab import Vocab  # noqa: E402
 from ofa_unified.vq import CONFIG_NAME as VQ_CONFIG  # noqa: E402
-from ofa_unified.vq import VQTokenizer  # noqa: E402
+from ofa_unified.vq import VQTokenizer, encoder_codes  # noqa: E402
 from train.configs.shapes import TrainConfig  # noqa: E402
 
 STATE_FILE, MODEL_DIR, VOCAB_DIR, METRICS_FILE = "train_state.pt", "model", "vocab", "metrics.jsonl"
@@ -359,6 +360,10 @@ class MultitaskRecipe:
         mc = self.model.config
         self.image_size = mc.patch_image_size
         self.code_image_size = mc.code_grid_size * self.vq.config.downsample if self.vq is not None else None
+        # an image_tokens model reads every image's codes: a copy of the tokenizer on the model's device
+        self.input_vq = copy.deepcopy(self.vq).to(self.device).eval() if mc.image_tokens and self.vq else None
+        if mc.image_tokens and self.vq is None:
+            raise ValueError("model option image_tokens reads images as VQ codes: give a tokenizer, --vq DIR")
         self.prompt = mc.prompt_type == "prev_output"
         self.train_data = self._train_data()
         if self.is_main:
@@ -583,13 +588,22 @@ class MultitaskRecipe:
         """bf16 autocast on CUDA (or when asked for); a no-op in fp32."""
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
+    def image_codes(self, images: torch.Tensor) -> torch.Tensor | None:
+        """The images' VQ code ids when the model reads them (`image_tokens`), else None."""
+        return encoder_codes(self.model.config, self.input_vq, self.vocab, images)
+
     def loss(self, model, batch: dict, label_smoothing: float = 0.0, reduction: str = "mean") -> torch.Tensor:
         """Token cross-entropy of a collated batch; reduction "none" gives [B, T] with 0 at padding."""
         b = to_device(batch, self.device)
         code_mask = b["code_mask"] if bool(b["code_mask"].any()) else None
         with self.autocast():
             logits, _ = model(
-                b["input_ids"], b["decoder_input_ids"], b["patch_images"], b["patch_masks"], code_mask
+                b["input_ids"],
+                b["decoder_input_ids"],
+                b["patch_images"],
+                b["patch_masks"],
+                code_mask,
+                self.image_codes(b["patch_images"]),
             )
         return F.cross_entropy(
             logits.float().transpose(1, 2),
@@ -759,7 +773,13 @@ class MultitaskRecipe:
         records, sizes = batch["records"], batch["sizes"]
         code_mask = batch["code_mask"] if bool(batch["code_mask"].any()) else None
         with self.autocast():
-            enc = model.encode(batch["input_ids"], batch["patch_images"], batch["patch_masks"], code_mask)
+            enc = model.encode(
+                batch["input_ids"],
+                batch["patch_images"],
+                batch["patch_masks"],
+                code_mask,
+                self.image_codes(batch["patch_images"]),
+            )
             config = task.generation_config(records[0], beam_size=1, do_sample=False)
             prefix = [e.source_ids[1:-1] for e in examples] if self.prompt else None
             hyps = generate(model, enc, config, [task.constraint(vocab, r) for r in records], prefix)
@@ -793,7 +813,9 @@ class MultitaskRecipe:
                 self.out / MODEL_DIR,
                 extra={"step": self.step, "train_config": config},
             )
-            if self.vq is not None and any(t in IMAGE_OUTPUT_TASKS for t in self.tasks):
+            if self.vq is not None and (
+                self.model.config.image_tokens or any(t in IMAGE_OUTPUT_TASKS for t in self.tasks)
+            ):
                 self.vq.save(directory / VQ_SUBDIR)
             state = {
                 "step": self.step,
