@@ -12,7 +12,9 @@ initial weights, the baseline a trained stem should not fall below.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,33 +24,40 @@ from ofa_unified.checkpoint import load_checkpoint
 from ofa_unified.data import shapes
 from ofa_unified.data.preprocess import ImageTransform
 from ofa_unified.model import OFAModel
+from ofa_unified.vq import VQTokenizer, encoder_codes
 
 REPO = Path(__file__).resolve().parents[1]
 ATTRIBUTES = {"color": list(shapes.COLORS), "shape": list(shapes.SHAPES)}
 
 
 @torch.no_grad()
-def features(model: OFAModel, images: torch.Tensor) -> dict[str, torch.Tensor]:
+def features(model: OFAModel, images: torch.Tensor, codes: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """[B, C, h, w] maps per site: the three ResNet stages, the patch embeddings the transformer
-    takes in, and the encoder's output at the patches."""
+    takes in (with the VQ code term for an `image_tokens` model), and the encoder's output at the
+    patches."""
     enc = model.encoder
     out = {f"layer{i + 1}": s for i, s in enumerate(enc.embed_images.stages(images))}
     h, w = out["layer3"].shape[-2:]
-    patches, _, _ = enc.embed_patches(images)
+    patches, _, _ = enc.embed_patches(images, None, codes)
     ids = torch.zeros(images.shape[0], 1, dtype=torch.long)  # one text token; the patches are read
-    for site, x in (("encoder_input", patches), ("encoder_output", enc(ids, images).hidden[:, : h * w])):
+    output = enc(ids, images, None, codes).hidden[:, : h * w]
+    for site, x in (("encoder_input", patches), ("encoder_output", output)):
         out[site] = x.transpose(1, 2).unflatten(2, (h, w))
     return out
 
 
-def probe_data(model: OFAModel, split: str, n: int, size: int) -> tuple[dict[str, torch.Tensor], dict]:
+def probe_data(
+    model: OFAModel, codes_of: Callable, split: str, n: int, size: int
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """Per-object features at each site (at the object's centre) and its colour/shape labels."""
     transform = ImageTransform(size)
     images, scenes = [], []
     for i in range(n):
         image, scene = shapes.sample(split, i)
         images.append(transform(image)[0])
         scenes.append(scene)
-    maps = features(model, torch.stack(images))
+    batch = torch.stack(images)
+    maps = features(model, batch, codes_of(batch))
     xs: dict[str, list] = {site: [] for site in maps}
     labels: dict[str, list] = {a: [] for a in ATTRIBUTES}
     for k, scene in enumerate(scenes):
@@ -89,14 +98,17 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
-    model = load_checkpoint(args.checkpoint).model.float()
+    loaded = load_checkpoint(args.checkpoint)
+    model = loaded.model.float()
+    vq = VQTokenizer.load(args.checkpoint / "vq") if model.config.image_tokens else None
+    codes_of = functools.partial(encoder_codes, model.config, vq, loaded.vocab)
     if args.random_init:
         torch.manual_seed(0)
         model = OFAModel(model.config)
     model.eval()
     size = model.config.patch_image_size
-    x_train, y_train = probe_data(model, "train", args.train_scenes, size)
-    x_val, y_val = probe_data(model, "val", args.val_scenes, size)
+    x_train, y_train = probe_data(model, codes_of, "train", args.train_scenes, size)
+    x_val, y_val = probe_data(model, codes_of, "val", args.val_scenes, size)
     report = {
         "checkpoint": str(args.checkpoint),
         "random_init": args.random_init,
