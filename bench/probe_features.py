@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from ofa_unified.checkpoint import load_checkpoint
 from ofa_unified.data import shapes
 from ofa_unified.data.preprocess import ImageTransform
+from ofa_unified.inference import VQ_DIR
 from ofa_unified.model import OFAModel
 from ofa_unified.vq import VQTokenizer, encoder_codes
 
@@ -100,7 +101,7 @@ def main() -> None:
 
     loaded = load_checkpoint(args.checkpoint)
     model = loaded.model.float()
-    vq = VQTokenizer.load(args.checkpoint / "vq") if model.config.image_tokens else None
+    vq = VQTokenizer.load(args.checkpoint / VQ_DIR) if model.config.image_tokens else None
     codes_of = functools.partial(encoder_codes, model.config, vq, loaded.vocab)
     if args.random_init:
         torch.manual_seed(0)

@@ -80,6 +80,7 @@ from ofa_unified.data.pipeline import (  # noqa: E402
     split_by_output,
 )
 from ofa_unified.generate import generate  # noqa: E402
+from ofa_unified.inference import VQ_DIR  # noqa: E402  (where the Predictor looks for a tokenizer)
 from ofa_unified.model import PAD_ID, OFAModel, build_model  # noqa: E402
 from ofa_unified.tasks import ParseError, get_task  # noqa: E402
 from ofa_unified.vocab import CONFIG_FILE as VOCAB_CONFIG  # noqa: E402
@@ -104,7 +105,6 @@ RUN_ONLY_FIELDS = (
     "eval_generate",
     "eval_data",
 )
-VQ_SUBDIR = "vq"  # where the Predictor looks for a tokenizer inside a checkpoint
 logger = logging.getLogger("multitask")
 
 
@@ -816,7 +816,7 @@ class MultitaskRecipe:
             if self.vq is not None and (
                 self.model.config.image_tokens or any(t in IMAGE_OUTPUT_TASKS for t in self.tasks)
             ):
-                self.vq.save(directory / VQ_SUBDIR)
+                self.vq.save(directory / VQ_DIR)
             state = {
                 "step": self.step,
                 "next_batch": self.next_batch,
