@@ -71,6 +71,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
         options.update(
             do_sample=True, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature, seed=args.seed
         )
+    if args.mean_image is not None:
+        options["mean_image"] = args.mean_image
     candidates = [c.strip() for c in args.candidates.split(",")] if args.candidates else None
     predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, image_size=args.image_size)
     request = Request(image, args.task, fields, args.instruction, candidates, options)
@@ -193,6 +195,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int)
+    p.add_argument(
+        "--mean-image",
+        action=argparse.BooleanOptionalAction,
+        help="image tasks: average the decoded samples in pixel space (default: the task's setting)",
+    )
     p.add_argument("--out-image", help="where image outputs go (default TASK.png)")
     p.add_argument(
         "--image-size", type=int, help="model input side (default: the checkpoint's patch_image_size)"

@@ -58,6 +58,7 @@ class _Prepared:
     config: GenerationConfig
     constraint: Any
     candidates: list[str] | None
+    mean_image: bool = False
 
 
 class Predictor:
@@ -133,8 +134,12 @@ class Predictor:
             constraint = answer_trie(self.vocab, req.candidates)
         else:
             constraint = task.constraint(self.vocab, record) if task else None
+        options = dict(req.options)
+        mean_image = bool(options.pop("mean_image", getattr(task, "mean_image", False)))
+        if mean_image and not code_output:
+            raise ValueError("mean_image applies to tasks that write images (image codes)")
         defaults = task.generation_kwargs(record) if task else dict(FREE_DEFAULTS)
-        config = GenerationConfig(**{**defaults, **req.options})
+        config = GenerationConfig(**{**defaults, **options})
         return _Prepared(
             req,
             task,
@@ -147,6 +152,7 @@ class Predictor:
             config,
             constraint,
             req.candidates,
+            mean_image,
         )
 
     # -- batched prediction --------------------------------------------------------------------
@@ -188,17 +194,21 @@ class Predictor:
         if self.model.config.prompt_type == "prev_output":
             prefix = [p.source_ids[1:-1] for p in batch]
         hyps = generate(self.model, enc, batch[0].config, [p.constraint for p in batch], prefix)
-        out = [self._result(p, h[0]) for p, h in zip(batch, hyps, strict=True)]
+        out = [self._result(p, h) for p, h in zip(batch, hyps, strict=True)]
         self._add_probabilities(batch, enc, out)
         return out
 
-    def _result(self, p: _Prepared, hyp: Hypothesis) -> dict:
+    def _result(self, p: _Prepared, hyps: list[Hypothesis]) -> dict:
+        """The best hypothesis, parsed; an image task's picture is decoded from it, or with
+        `mean_image` is the pixel mean of every hypothesis's picture."""
+        hyp = hyps[0]
         result: dict[str, Any] = {
             "task": p.task.name if p.task else None,
             "text": self.vocab.decode(hyp.tokens),
             "tokens": hyp.tokens,
             "score": hyp.score,
         }
+        grids: list[list[int]] = []
         try:
             if p.candidates is not None:
                 result["answer"] = self.vocab.decode(hyp.tokens).strip()
@@ -206,11 +216,16 @@ class Predictor:
                 result.update(parse_free(hyp.tokens, self.vocab, p.size))
             else:
                 result.update(p.task.parse(hyp.tokens, self.vocab, p.size, p.record))
+            if "codes" in result:
+                grids = [result["codes"]]
+            if grids and p.mean_image:
+                grids = [p.task.parse(h.tokens, self.vocab, p.size, p.record)["codes"] for h in hyps]
+                result["images_averaged"] = len(grids)
         except ParseError as e:
             result["parse_error"] = str(e)
             return result
-        if p.code_output and "codes" in result:
-            result["image"] = self._codes_to_image(p, result["codes"])
+        if p.code_output and grids:
+            result["image"] = self._codes_to_image(p, grids)
         return result
 
     def _add_probabilities(self, batch: list[_Prepared], enc, out: list[dict]) -> None:
@@ -237,12 +252,14 @@ class Predictor:
             if answer in probs:
                 out[i]["probability"] = probs[answer]
 
-    def _codes_to_image(self, p: _Prepared, codes: list[int]) -> Image.Image:
+    def _codes_to_image(self, p: _Prepared, grids: list[list[int]]) -> Image.Image:
+        """Decode code grids to pixels; several grids are averaged in pixel space (their mean is
+        the minimum-squared-error picture under the model's samples)."""
         from ofa_unified.vq import paste_middle, tensor_to_pil
 
         side = p.record["code_grid"]
-        grid = torch.tensor(codes, device=self.device).view(1, side, side)
-        pixels = self.vq.decode(grid)[0].cpu()
+        grid = torch.tensor(grids, device=self.device).view(len(grids), side, side)
+        pixels = self.vq.decode(grid).mean(dim=0).cpu()
         if p.task.name == "image_infilling":
             pixels = paste_middle(p.image, pixels)
         return tensor_to_pil(pixels).resize(p.size, Image.Resampling.BICUBIC)

@@ -423,6 +423,9 @@ class ImageCodeTask(Task):
         super().__init__(name, spec)
         spec = load_templates()[name] if spec is None else spec
         self.code_grid: list[int] = list(spec["code_grid"])
+        # The picture is the pixel mean of the decoded samples (`beam_size` of them with `do_sample`):
+        # the least-squares guess where the model is unsure, so blurred there.
+        self.mean_image = bool(spec.get("mean_image", False))
 
     def num_codes(self, record: Record | None = None) -> int:
         """Codes in the answer (rows * cols of the grid)."""

@@ -181,8 +181,10 @@ class Handlers:
         cap = options.get("max_new_tokens")
         if cap is not None and defaults.get("min_new_tokens", 0) > cap:
             options["min_new_tokens"] = cap  # the client's cap wins over the task's default floor
+        if options.get("mean_image") and not (task is not None and task.output == "codes"):
+            raise ServingError(422, "mean_image applies to tasks that write images (image codes)")
         try:
-            GenerationConfig(**{**defaults, **options})
+            GenerationConfig(**{**defaults, **{k: v for k, v in options.items() if k != "mean_image"}})
         except ValueError as e:
             raise ServingError(422, str(e)) from None
 
@@ -459,6 +461,7 @@ def image_response(o: Outcome) -> p.ImageOutput:
         width=width,
         height=height,
         codes=o.result.get("codes"),
+        images_averaged=o.result.get("images_averaged"),
     )
 
 

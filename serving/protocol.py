@@ -42,6 +42,11 @@ class GenerationOptions(BaseModel):
     top_k: int | None = Field(None, ge=0, description="0 = off")
     top_p: float | None = Field(None, gt=0, le=1)
     seed: int | None = Field(None, ge=0, description="makes sampling reproducible")
+    mean_image: bool | None = Field(
+        None,
+        description="image outputs: the pixel mean of the samples (least squared error, blurred where "
+        "the model is unsure) instead of the best sample",
+    )
 
     def options(self) -> dict[str, Any]:
         """GenerationConfig overrides that the client set."""
@@ -235,7 +240,12 @@ class ImageOutput(Output):
     media_type: Literal["image/png"] = "image/png"
     width: int | None = None
     height: int | None = None
-    codes: list[int] | None = Field(description="the image codes the model wrote (row-major grid)")
+    codes: list[int] | None = Field(
+        description="the image codes the model wrote (row-major grid; with mean_image, the best sample's)"
+    )
+    images_averaged: int | None = Field(
+        None, description="with mean_image: how many decoded samples the image is the pixel mean of"
+    )
 
 
 class GenerateResponse(ClosedSetOutput):

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -86,6 +87,7 @@ def test_batched_equals_one_by_one(predictor, image):
         (Request(Image.new("RGB", (8, 8)), "caption", instruction="x"), "exactly one"),
         (Request(Image.new("RGB", (8, 8)), "caption", options={"beam_size": 0}), "beam_size"),
         (Request(Image.new("RGB", (8, 8)), "image_infilling"), "no VQ tokenizer"),
+        (Request(Image.new("RGB", (8, 8)), "caption", options={"mean_image": True}), "write images"),
     ],
 )
 def test_bad_requests_raise_named_errors(predictor, request_, match):
@@ -220,6 +222,32 @@ def test_image_tasks_return_images_without_a_code_grid_field(micro_with_vq, imag
     side = predictor.image_size
     assert generated["image"].size == (side, side)
     assert len(generated["codes"]) == predictor.code_grid("text_to_image") ** 2
+
+
+def test_mean_image_is_the_pixel_mean_of_the_decoded_samples(micro_with_vq, image):
+    from ofa_unified.vq import tensor_to_pil
+
+    predictor = Predictor.from_checkpoint(micro_with_vq)
+    square = image.resize((predictor.image_size, predictor.image_size))  # no resize on the way out
+    decoded = []
+    decode = predictor.vq.decode
+    predictor.vq.decode = lambda codes: decoded.append((codes, decode(codes))) or decoded[-1][1]
+    options = {"do_sample": True, "beam_size": 3, "top_k": 0, "seed": 0}
+    mean, best = predictor.predict(
+        [
+            Request(square, "image_infilling", options={**options, "mean_image": True}),
+            Request(square, "image_infilling", options={**options, "mean_image": False}),
+        ]
+    )
+    (grids, pictures), (best_grid, best_picture) = decoded
+    assert mean["images_averaged"] == 3 and "images_averaged" not in best
+    assert grids.shape[0] == 3 and best_grid.shape[0] == 1
+    assert grids[0].flatten().tolist() == mean["codes"]  # the best sample's codes are still reported
+    expected = np.asarray(tensor_to_pil(pictures.mean(0)), dtype=np.int16)
+    lo, hi = predictor.image_size // 4, 3 * predictor.image_size // 4
+    got = np.asarray(mean["image"], dtype=np.int16)[lo:hi, lo:hi]
+    assert np.abs(got - expected).max() <= 1
+    assert (pictures - pictures.mean(0)).abs().max() > 0  # the samples differ: the mean is a real blend
 
 
 def test_convert_to_float16_carries_the_vq_tokenizer(micro_with_vq, tmp_path):

@@ -252,6 +252,13 @@ def test_image_infilling_json_and_png(client: TestClient, png: bytes) -> None:
     raw = client.post("/v1/image-infilling?format=png", files=upload(png))
     assert raw.headers["content-type"] == "image/png"
     assert Image.open(io.BytesIO(raw.content)).size == (W, H)
+    assert body["images_averaged"] == 16  # the task's default: the mean of 16 samples
+    one = client.post(
+        "/v1/image-infilling", files=upload(png), data={"mean_image": "false", "seed": 1}
+    ).json()
+    assert one["images_averaged"] is None and len(one["codes"]) == 16
+    caption = client.post("/v1/caption", files=upload(png), data={"mean_image": "true"})
+    assert "mean_image" in error(caption, 422)
 
 
 def test_image_generation_without_an_image(client: TestClient) -> None:
