@@ -135,7 +135,9 @@ class Predictor:
         else:
             constraint = task.constraint(self.vocab, record) if task else None
         options = dict(req.options)
-        mean_image = bool(options.pop("mean_image", getattr(task, "mean_image", False)))
+        mean_image = options.pop("mean_image", getattr(task, "mean_image", False))
+        if not isinstance(mean_image, bool):
+            raise ValueError(f"mean_image must be true or false, got {mean_image!r}")
         if mean_image and not code_output:
             raise ValueError("mean_image applies to tasks that write images (image codes)")
         defaults = task.generation_kwargs(record) if task else dict(FREE_DEFAULTS)

@@ -88,6 +88,7 @@ def test_batched_equals_one_by_one(predictor, image):
         (Request(Image.new("RGB", (8, 8)), "caption", options={"beam_size": 0}), "beam_size"),
         (Request(Image.new("RGB", (8, 8)), "image_infilling"), "no VQ tokenizer"),
         (Request(Image.new("RGB", (8, 8)), "caption", options={"mean_image": True}), "write images"),
+        (Request(Image.new("RGB", (8, 8)), "caption", options={"mean_image": "no"}), "true or false"),
     ],
 )
 def test_bad_requests_raise_named_errors(predictor, request_, match):
