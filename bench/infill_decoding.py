@@ -39,10 +39,11 @@ def load_evaluate():
     return importlib.import_module("evaluate")
 
 
-def settings(samples: list[int], top_ks: list[int]) -> list[dict]:
+def settings(samples: list[int], top_ks: list[int], temperatures: list[float]) -> list[dict]:
     greedy = {"do_sample": False, "beam_size": 1, "mean_image": False}
     sampled = [
-        {"do_sample": True, "beam_size": n, "top_k": k, "top_p": 1.0, "temperature": 1.0, "mean_image": n > 1}
+        {"do_sample": True, "beam_size": n, "top_k": k, "top_p": 1.0, "temperature": t, "mean_image": n > 1}
+        for t in temperatures
         for k in top_ks
         for n in samples
     ]
@@ -75,6 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--top-k", type=int, nargs="+", default=[2, 3, 5, 0], help="0 = the full distribution"
     )
+    parser.add_argument("--temperature", type=float, nargs="+", default=[1.0])
     parser.add_argument("--batch-size", type=int, default=25)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", type=Path)
@@ -91,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
         bounds = ceilings(predictor, pairs)
     print(json.dumps(bounds), flush=True)
     rows = []
-    for options in settings(args.samples, args.top_k):
+    for options in settings(args.samples, args.top_k, args.temperature):
         start = time.perf_counter()
         results = []
         for i in range(0, len(pairs), args.batch_size):
