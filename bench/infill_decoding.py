@@ -50,9 +50,9 @@ def settings(samples: list[int], top_ks: list[int], temperatures: list[float]) -
     return [greedy, *sampled]
 
 
-def ceilings(predictor: Predictor, pairs: list) -> dict[str, float]:
+def ceilings(evaluate, predictor: Predictor, pairs: list) -> dict[str, float]:
     """Middle PSNR of the tokenizer's reconstruction and of the scene's bare background."""
-    to_uint8 = lambda t: ((t.clamp(-1, 1) + 1) * 127.5).round().permute(1, 2, 0).cpu().numpy()
+    to_uint8 = evaluate.to_uint8
     tokenizer, background = [], []
     for image, record in pairs:
         truth = crop_middle(predictor.transform(image)[0])
@@ -61,8 +61,8 @@ def ceilings(predictor: Predictor, pairs: list) -> dict[str, float]:
         scene = make_scene(record["image_id"], image.width)
         bare = render(dataclasses.replace(scene, objects=[]))
         background.append(metrics.psnr(to_uint8(crop_middle(predictor.transform(bare)[0])), to_uint8(truth)))
-    finite = lambda xs: float(np.mean([x for x in xs if np.isfinite(x)]))
-    return {"psnr_tokenizer_ceiling": finite(tokenizer), "psnr_true_background": finite(background)}
+    mean = lambda xs: float(np.mean(evaluate.finite(xs)))
+    return {"psnr_tokenizer_ceiling": mean(tokenizer), "psnr_true_background": mean(background)}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"{args.checkpoint} has no VQ tokenizer: it cannot infill images")
     pairs = evaluate.collect(args.split, None, ["image_infilling"], args.n)["image_infilling"]
     with torch.inference_mode():
-        bounds = ceilings(predictor, pairs)
+        bounds = ceilings(evaluate, predictor, pairs)
     print(json.dumps(bounds), flush=True)
     rows = []
     for options in settings(args.samples, args.top_k, args.temperature):

@@ -61,6 +61,18 @@ class _Prepared:
     mean_image: bool = False
 
 
+def split_options(task: Task | None, options: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
+    """A request's options as (mean_image, GenerationConfig overrides). `mean_image` is not a decoding
+    setting: it says how an image task's samples become one picture (default: the task's)."""
+    rest = dict(options)
+    mean_image = rest.pop("mean_image", getattr(task, "mean_image", False))
+    if not isinstance(mean_image, bool):
+        raise ValueError(f"mean_image must be true or false, got {mean_image!r}")
+    if mean_image and not (task is not None and task.output == "codes"):
+        raise ValueError("mean_image applies to tasks that write images (image codes)")
+    return mean_image, rest
+
+
 class Predictor:
     """A loaded model with its vocabulary, image transform and (optionally) VQ tokenizer."""
 
@@ -134,12 +146,7 @@ class Predictor:
             constraint = answer_trie(self.vocab, req.candidates)
         else:
             constraint = task.constraint(self.vocab, record) if task else None
-        options = dict(req.options)
-        mean_image = options.pop("mean_image", getattr(task, "mean_image", False))
-        if not isinstance(mean_image, bool):
-            raise ValueError(f"mean_image must be true or false, got {mean_image!r}")
-        if mean_image and not code_output:
-            raise ValueError("mean_image applies to tasks that write images (image codes)")
+        mean_image, options = split_options(task, req.options)
         defaults = task.generation_kwargs(record) if task else dict(FREE_DEFAULTS)
         config = GenerationConfig(**{**defaults, **options})
         return _Prepared(
@@ -221,7 +228,7 @@ class Predictor:
             if "codes" in result:
                 grids = [result["codes"]]
             if grids and p.mean_image:
-                grids = [p.task.parse(h.tokens, self.vocab, p.size, p.record)["codes"] for h in hyps]
+                grids += [p.task.parse(h.tokens, self.vocab, p.size, p.record)["codes"] for h in hyps[1:]]
                 result["images_averaged"] = len(grids)
         except ParseError as e:
             result["parse_error"] = str(e)

@@ -29,7 +29,7 @@ from ofa_unified.data.preprocess import (
     load_image,
 )
 from ofa_unified.generate import GenerationConfig
-from ofa_unified.inference import FREE_DEFAULTS, VQ_DIR, Request
+from ofa_unified.inference import FREE_DEFAULTS, VQ_DIR, Request, split_options
 from ofa_unified.tasks import Task, UnknownTaskError, get_task, instruction_source, list_tasks, load_templates
 from ofa_unified.vocab import TokenizerMissingError
 from serving import protocol as p
@@ -181,10 +181,8 @@ class Handlers:
         cap = options.get("max_new_tokens")
         if cap is not None and defaults.get("min_new_tokens", 0) > cap:
             options["min_new_tokens"] = cap  # the client's cap wins over the task's default floor
-        if options.get("mean_image") and not (task is not None and task.output == "codes"):
-            raise ServingError(422, "mean_image applies to tasks that write images (image codes)")
         try:
-            GenerationConfig(**{**defaults, **{k: v for k, v in options.items() if k != "mean_image"}})
+            GenerationConfig(**{**defaults, **split_options(task, options)[1]})
         except ValueError as e:
             raise ServingError(422, str(e)) from None
 

@@ -60,6 +60,16 @@ def collect(split: str, data: str | None, tasks: list[str], n: int, per_scene: i
     return out
 
 
+def to_uint8(image: torch.Tensor) -> np.ndarray:
+    """[3, H, W] in [-1, 1] -> [H, W, 3] pixel values 0..255, as PSNR compares them."""
+    return ((image.clamp(-1, 1) + 1) * 127.5).round().permute(1, 2, 0).cpu().numpy()
+
+
+def finite(values: list[float]) -> list[float]:
+    """PSNR is infinite on an exact match; averages leave those out."""
+    return [v for v in values if math.isfinite(v)]
+
+
 def request_for(image: Image.Image, record: dict, closed_vqa: bool) -> Request:
     fields = {k: v for k, v in record.items() if k not in ANSWER_FIELDS and k != "task"}
     candidates = list(VQA_ANSWERS) if record["task"] == "vqa" and closed_vqa else None
@@ -97,17 +107,16 @@ def image_metrics(predictor: Predictor, task: str, pairs: list, results: list[di
         return get_task(task).evaluate(parsed, [rec for _, rec in pairs])
     if task == "image_infilling":
         code_hits, psnrs, best_sample, baseline = [], [], [], []
+        side = predictor.code_grid(task)
         for (image, _), res in zip(pairs, results, strict=True):
             pixels, _ = predictor.transform(image)
             middle = crop_middle(pixels)
             target = vq.encode(middle[None].to(predictor.device))[0].flatten().tolist()
             code_hits.append(metrics.code_accuracy([res.get("codes", [])], [target]))
-            to_uint8 = lambda t: ((t.clamp(-1, 1) + 1) * 127.5).round().permute(1, 2, 0).cpu().numpy()
             truth = to_uint8(middle)
             if "image" in res:
                 generated, _ = predictor.transform(res["image"].resize(image.size))
                 psnrs.append(metrics.psnr(to_uint8(crop_middle(generated)), truth))
-                side = predictor.code_grid(task)
                 codes = torch.tensor(res["codes"], device=predictor.device).view(1, side, side)
                 best_sample.append(metrics.psnr(to_uint8(vq.decode(codes)[0]), truth))
             ring = pixels.clone()
@@ -115,7 +124,6 @@ def image_metrics(predictor: Predictor, task: str, pairs: list, results: list[di
             ring[:, lo:hi, lo:hi] = float("nan")
             fill = torch.nanmean(ring.flatten(1), dim=1)[:, None, None].expand_as(middle)
             baseline.append(metrics.psnr(to_uint8(fill), truth))
-        finite = lambda xs: [x for x in xs if math.isfinite(x)]
         return {
             "code_accuracy": float(np.mean(code_hits)),
             "psnr_middle": float(np.mean(finite(psnrs))) if psnrs else float("nan"),
