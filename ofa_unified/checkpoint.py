@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ofa_unified.model import NON_OFA_MODULES, OFAConfig, OFAModel
+from ofa_unified.model import EXPERT, NON_OFA_MODULES, OFAConfig, OFAModel
 from ofa_unified.resnet import RESNET_LAYERS, ResNet
 from ofa_unified.vocab import Vocab
 
@@ -267,15 +267,21 @@ def load_state(model: OFAModel, state: dict[str, torch.Tensor], source: str) -> 
 
 
 def load_with_new_modules(model: OFAModel, state: dict[str, torch.Tensor], source: str) -> list[str]:
-    """Load `state` into `model`, whose NON_OFA_MODULES the checkpoint may lack (they start at zero).
+    """Load `state` into `model`, whose NON_OFA_MODULES the checkpoint may lack. New modules start at
+    zero, except an image expert's FFN, which starts as a copy of its layer's shared FFN (so the
+    model computes what the checkpoint did until the expert trains).
 
-    Returns the zeroed tensors' names; any other missing or unexpected tensor is a CheckpointError.
+    Returns the new tensors' names; any other missing or unexpected tensor is a CheckpointError.
     """
     own = model.state_dict()
-    new = [k for k in own if k not in state and k.startswith(tuple(NON_OFA_MODULES.values()))]
+    new = [k for k in own if k not in state and any(m in k for m in NON_OFA_MODULES.values())]
     with torch.no_grad():
         for key in new:
-            own[key].zero_()
+            shared = key.replace(EXPERT, "")
+            if EXPERT in key and shared in state:
+                own[key].copy_(state[shared])
+            else:
+                own[key].zero_()
     load_state(model, {**state, **{k: own[k] for k in new}}, source)
     return new
 

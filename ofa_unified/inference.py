@@ -187,14 +187,14 @@ class Predictor:
             ids[row, : len(p.source_ids)] = torch.tensor(p.source_ids)
         images = torch.stack([p.image for p in batch])
         masks = torch.tensor([p.has_image for p in batch])
-        code = torch.tensor([p.code_output for p in batch])
+        code = torch.tensor([p.code_output for p in batch]).to(self.device)
         images = images.to(self.device)
         return self.model.encode(
             ids.to(self.device),
             images,
             masks.to(self.device),
-            code.to(self.device) if code.any() else None,
-            encoder_codes(self.model.config, self.vq, self.vocab, images),
+            code if code.any() else None,
+            encoder_codes(self.model.config, self.vq, self.vocab, images, code),
         )
 
     def _run(self, batch: list[_Prepared]) -> list[dict]:

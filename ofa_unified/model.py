@@ -10,6 +10,9 @@ tokens of the joint vocabulary. What makes it OFA rather than a plain seq2seq mo
   FFN hidden; attention scale `(head_dim * 2) ** -0.5`;
 * the decoder treats image-code outputs (`code_mask`) with 2D image positions.
 
+Not in OFA, each off by default (see OFAConfig): `image_skip`, `image_pos_content`, `image_tokens`
+on the input side, and `image_expert`, a BEiT-3-style multiway split on the output modality.
+
 Parameter names follow OFA's HF port, so official weights load with renames only
 (see `checkpoint.py`). `encode` runs once; `decode` is incremental over a `KVCache` so the
 decoding loops in `generate.py` cost one token per step.
@@ -30,13 +33,22 @@ from torch import nn
 from ofa_unified.resnet import RESNET_LAYERS, ResNet, drop_path, linspace
 
 PAD_ID = 1
-# OFAConfig options that OFA's architecture lacks -> the module each adds (HF export refuses them;
-# fine-tuning a checkpoint with one turned on starts its module at zero).
+# OFAConfig options that OFA's architecture lacks -> what their parameter names contain (HF export
+# refuses them; fine-tuning a checkpoint with one turned on starts its module at zero, except the
+# image expert's FFNs, which start as copies of the shared ones).
 NON_OFA_MODULES = {
     "image_skip": "encoder.image_skip_proj.",
     "image_pos_content": "encoder.image_pos_proj.",
     "image_tokens": "encoder.image_code_proj.",
+    "image_expert": ".image_ffn.",
 }
+EXPERT = "image_ffn."
+# Parameters that only image-output rows (`code_mask`) use when `image_expert` is on: training only
+# these (train/configs/shapes_image_expert.py) cannot change any text task's output.
+IMAGE_OUTPUT_PARAMS = (
+    r"\.image_ffn\.|^encoder\.image_code_proj\."
+    r"|^decoder\.(code_layernorm_embedding|image_pos_ln|embed_image_positions|image_rel_pos_table_list)\."
+)
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 
 
@@ -77,6 +89,11 @@ class OFAConfig:
     # keeps colour and texture (31 dB) that a stem trained on these tasks drops; callers pass the code
     # grid as `image_codes` (`vq.encoder_codes`).
     image_tokens: bool = False
+    # Not in OFA (BEiT-3/VLMo's multiway experts, split by what the decoder writes): rows whose output
+    # is image codes (`code_mask`) run their own copy of every encoder and decoder FFN, and only they
+    # read the `image_tokens` term; text outputs run the shared weights alone. Attention, embeddings
+    # and the stem stay shared. So the image tasks can be trained on without moving any text task.
+    image_expert: bool = False
     # Preprocessing and decoding conventions that travel with the weights.
     patch_image_size: int = 480
     prompt_type: str = "none"  # "prev_output": source minus eos is forced as decoder prefix (OFA fine-tuned)
@@ -227,6 +244,14 @@ class Attention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(x.shape))
 
 
+def add_ffn(module: nn.Module, d: int, ffn_dim: int) -> None:
+    """Give `module` the FFN's weights under OFA's names (a layer's own, or its image expert's)."""
+    module.fc1 = nn.Linear(d, ffn_dim)
+    module.ffn_layer_norm = nn.LayerNorm(ffn_dim)
+    module.fc2 = nn.Linear(ffn_dim, d)
+    module.final_layer_norm = nn.LayerNorm(d)
+
+
 class EncoderLayer(nn.Module):
     """Pre-LN block: attention (+ mid LayerNorm), then FFN with a LayerNorm on its hidden."""
 
@@ -236,10 +261,11 @@ class EncoderLayer(nn.Module):
         self.self_attn = Attention(d, heads, cfg.attention_dropout)
         self.self_attn_layer_norm = nn.LayerNorm(d)
         self.self_attn_mid_layer_norm = nn.LayerNorm(d)
-        self.fc1 = nn.Linear(d, ffn_dim)
-        self.ffn_layer_norm = nn.LayerNorm(ffn_dim)
-        self.fc2 = nn.Linear(ffn_dim, d)
-        self.final_layer_norm = nn.LayerNorm(d)
+        add_ffn(self, d, ffn_dim)
+        self.image_ffn: nn.Module | None = None
+        if cfg.image_expert:
+            self.image_ffn = nn.Module()
+            add_ffn(self.image_ffn, d, ffn_dim)
         self.dropout = nn.Dropout(cfg.dropout)
         self.activation_dropout = nn.Dropout(cfg.activation_dropout)
         self.drop_path_rate = drop_path_rate
@@ -247,16 +273,29 @@ class EncoderLayer(nn.Module):
     def residual(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         return x + drop_path(self.dropout(h), self.drop_path_rate, self.training)
 
-    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.activation_dropout(F.gelu(self.fc1(self.final_layer_norm(x))))
-        return self.residual(x, self.fc2(self.ffn_layer_norm(h)))
+    def _ffn(self, x: torch.Tensor, w: nn.Module) -> torch.Tensor:
+        h = self.activation_dropout(F.gelu(w.fc1(w.final_layer_norm(x))))
+        return self.residual(x, w.fc2(w.ffn_layer_norm(h)))
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def feed_forward(self, x: torch.Tensor, image_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The shared FFN; with an image expert, rows flagged in `image_rows` [B] run the expert's."""
+        if self.image_ffn is None or image_rows is None or not bool(image_rows.any()):
+            return self._ffn(x, self)
+        if bool(image_rows.all()):
+            return self._ffn(x, self.image_ffn)
+        out = torch.empty_like(x)
+        out[image_rows] = self._ffn(x[image_rows], self.image_ffn)
+        out[~image_rows] = self._ffn(x[~image_rows], self)
+        return out
+
+    def forward(
+        self, x: torch.Tensor, bias: torch.Tensor, image_rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
         h = self.self_attn_layer_norm(x)
         x = self.residual(
             x, self.self_attn_mid_layer_norm(self.self_attn(h, bias, self.self_attn.project_kv(h)))
         )
-        return self.feed_forward(x)
+        return self.feed_forward(x, image_rows)
 
 
 class DecoderLayer(EncoderLayer):
@@ -275,6 +314,7 @@ class DecoderLayer(EncoderLayer):
         past_kv: tuple[torch.Tensor, torch.Tensor] | None,
         cross_bias: torch.Tensor,
         cross_kv: tuple[torch.Tensor, torch.Tensor],
+        image_rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         h = self.self_attn_layer_norm(x)
         k, v = self.self_attn.project_kv(h)
@@ -283,7 +323,7 @@ class DecoderLayer(EncoderLayer):
         x = self.residual(x, self.self_attn_mid_layer_norm(self.self_attn(h, self_bias, (k, v))))
         h = self.cross_attn(self.cross_attn_layer_norm(x), cross_bias, cross_kv)
         x = self.residual(x, self.cross_attn_mid_layer_norm(h))
-        return self.feed_forward(x), (k, v)
+        return self.feed_forward(x, image_rows), (k, v)
 
 
 def position_bias(
@@ -390,12 +430,17 @@ class Encoder(Stack):
         return F.layer_norm(pooled, pooled.shape[-1:])
 
     def embed_patches(
-        self, images: torch.Tensor, masks: torch.Tensor | None = None, codes: torch.Tensor | None = None
+        self,
+        images: torch.Tensor,
+        masks: torch.Tensor | None = None,
+        codes: torch.Tensor | None = None,
+        image_rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Patch embeddings [B, h*w, d] as the transformer reads them (before dropout), the normalised
         image positions [1, h*w, d] and the position ids [h*w] the relative bias tables index.
         `codes`: the images' VQ code ids, for an `image_tokens` model; their term joins after the
-        patch LayerNorm, so stem features of a large norm do not drown it."""
+        patch LayerNorm, so stem features of a large norm do not drown it. With `image_expert` only
+        the image-output rows (`image_rows`) read it."""
         cfg, types = self.cfg, self.type_embedding.weight
         *early, feats = self._image_features(images, masks)
         h, w = feats.shape[-2:]
@@ -413,8 +458,11 @@ class Encoder(Stack):
         if self.image_pos_proj is not None:
             img = img + self.image_pos_proj(pos)
         img = self.patch_layernorm_embedding(img)
-        if self.image_code_proj is not None:
+        if self.image_code_proj is not None and not cfg.image_expert:
             img = img + self.image_code_proj(self._code_embeddings(codes, h, w))
+        elif self.image_code_proj is not None and image_rows is not None and bool(image_rows.any()):
+            term = self.image_code_proj(self._code_embeddings(codes, h, w))
+            img = img + term * image_rows[:, None, None].to(term.dtype)
         return img, pos, ids
 
     def forward(
@@ -423,7 +471,9 @@ class Encoder(Stack):
         patch_images: torch.Tensor | None = None,
         patch_masks: torch.Tensor | None = None,
         image_codes: torch.Tensor | None = None,
+        code_mask: torch.Tensor | None = None,
     ) -> EncoderOutput:
+        """`code_mask` [B]: rows whose decoder writes image codes (the `image_expert`'s rows)."""
         cfg, (B, L) = self.cfg, input_ids.shape
         if cfg.max_positions < L:
             raise ValueError(f"source has {L} tokens; this model takes at most {cfg.max_positions}")
@@ -433,7 +483,9 @@ class Encoder(Stack):
         pos = self.pos_ln(self.embed_positions.weight[:L]).expand(B, L, -1)
         image_rel_ids = None
         if patch_images is not None:
-            img, img_pos, image_rel_ids = self.embed_patches(patch_images, patch_masks, image_codes)
+            img, img_pos, image_rel_ids = self.embed_patches(
+                patch_images, patch_masks, image_codes, code_mask
+            )
             img_pos = img_pos.expand(B, -1, -1)
             x = torch.cat([self.dropout(img), x], dim=1)
             pos = torch.cat([img_pos, pos], dim=1)
@@ -455,8 +507,8 @@ class Encoder(Stack):
             bias = abs_bias + rel
             if has_pads:
                 bias = masked(bias, padding[:, None, None, :])
-            x = layer(x, bias)
-        return EncoderOutput(self.layer_norm(x), padding, pos)
+            x = layer(x, bias, code_mask)
+        return EncoderOutput(self.layer_norm(x), padding, pos, code_mask)
 
 
 class Decoder(Stack):
@@ -551,7 +603,7 @@ class Decoder(Stack):
                 self_bias = self_bias.expand(B, -1, -1, -1)
             past_kv = cache.self_kv[i] if cache is not None else None
             cross_kv = cache.cross_kv[i] if cache is not None else layer.cross_attn.project_kv(enc.hidden)
-            x, self_kv = layer(x, self_bias, past_kv, cross_bias, cross_kv)
+            x, self_kv = layer(x, self_bias, past_kv, cross_bias, cross_kv, code)
             if new_cache is not None:
                 new_cache.self_kv.append(self_kv)
                 new_cache.cross_kv.append(cross_kv)
@@ -600,9 +652,7 @@ class OFAModel(nn.Module):
         code_mask: torch.Tensor | None = None,
         image_codes: torch.Tensor | None = None,
     ) -> EncoderOutput:
-        enc = self.encoder(input_ids, patch_images, patch_masks, image_codes)
-        enc.code_mask = code_mask
-        return enc
+        return self.encoder(input_ids, patch_images, patch_masks, image_codes, code_mask)
 
     def decode(
         self, tokens: torch.Tensor, enc: EncoderOutput, cache: KVCache | None = None, use_cache: bool = True

@@ -328,10 +328,15 @@ class VQTokenizer(nn.Module):
         return model.to(map_location).eval()
 
 
-def encoder_codes(config: OFAConfig, vq: VQTokenizer | None, vocab: Vocab, images: Tensor) -> Tensor | None:
+def encoder_codes(
+    config: OFAConfig, vq: VQTokenizer | None, vocab: Vocab, images: Tensor, code_mask: Tensor | None = None
+) -> Tensor | None:
     """The code grid of each encoder image as joint-vocabulary ids, which a model whose `config` has
-    `image_tokens` reads beside its stem's features; None for other models."""
+    `image_tokens` reads beside its stem's features; None for other models, and for an `image_expert`
+    model when no row writes image codes (`code_mask`), since only those rows read them."""
     if not config.image_tokens:
+        return None
+    if config.image_expert and (code_mask is None or not bool(code_mask.any())):
         return None
     if vq is None:
         raise ValueError(

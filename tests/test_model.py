@@ -168,6 +168,59 @@ def test_added_image_modules_at_zero_are_the_plain_model():
         load_with_new_modules(extra, state, "plain")
 
 
+def test_image_expert_routes_rows_and_leaves_text_rows_untouched():
+    """With image_expert, image-output rows run their own FFNs and read image_tokens; text rows run
+    the shared weights only, so changing every IMAGE_OUTPUT_PARAMS tensor moves image rows and
+    leaves text rows' logits bit for bit as they were. A mixed batch equals its rows run alone."""
+    import re
+
+    from ofa_unified.model import IMAGE_OUTPUT_PARAMS
+
+    model = randomized(build_model("micro", image_expert=True, image_tokens=True, dropout=0.0))
+    ids, img = inputs(pad_last=False)
+    codes = torch.randint(500, 600, (3, 8, 8))
+    dec = torch.randint(513, 600, (3, 5))
+    code = torch.tensor([True, False, True])
+    with torch.no_grad():
+        mixed, _ = model(ids, dec, img, code_mask=code, image_codes=codes)
+        for row in range(3):
+            alone, _ = model(
+                ids[[row]], dec[[row]], img[[row]], code_mask=code[[row]], image_codes=codes[[row]]
+            )
+            torch.testing.assert_close(mixed[row], alone[0], atol=1e-4, rtol=1e-4)
+        gen = torch.Generator().manual_seed(3)
+        pattern = re.compile(IMAGE_OUTPUT_PARAMS)
+        moved = [n for n, p in model.named_parameters() if pattern.search(n)]
+        assert any(".image_ffn." in n for n in moved) and "encoder.image_code_proj.weight" in moved
+        assert not any(n.startswith("encoder.layers.0.fc1") or "embed_tokens" in n for n in moved)
+        for name, p in model.named_parameters():
+            if pattern.search(name):
+                p.add_(torch.randn(p.shape, generator=gen) * 0.5)
+        after, _ = model(ids, dec, img, code_mask=code, image_codes=codes)
+    assert torch.equal(after[1], mixed[1])
+    assert (after[[0, 2]] - mixed[[0, 2]]).abs().amin(-1).max() > 1e-3
+
+
+def test_image_expert_starts_as_a_copy_of_the_shared_ffn():
+    """Turning image_expert on in a fine-tune copies each layer's FFN into its expert, so the model
+    computes what the checkpoint did, for image and text rows alike."""
+    from ofa_unified.checkpoint import load_with_new_modules
+
+    plain = randomized(build_model("micro", dropout=0.0))
+    expert = build_model("micro", image_expert=True, dropout=0.0).eval()
+    new = load_with_new_modules(expert, plain.state_dict(), "plain")
+    assert "decoder.layers.0.image_ffn.fc2.weight" in new and "encoder.layers.0.image_ffn.fc1.bias" in new
+    assert len(new) == 8 * (expert.config.encoder_layers + expert.config.decoder_layers)
+    assert torch.equal(expert.decoder.layers[0].image_ffn.fc2.weight, plain.decoder.layers[0].fc2.weight)
+    ids, img = inputs()
+    dec = torch.randint(513, 600, (3, 4))
+    code = torch.tensor([True, False, True])
+    with torch.no_grad():
+        want, _ = plain(ids, dec, img, code_mask=code)
+        got, _ = expert(ids, dec, img, code_mask=code)
+    torch.testing.assert_close(got, want)
+
+
 def test_image_tokens_read_each_patch_own_codes():
     """With image_tokens a patch sees the mean embedding of the codes it covers, and only those:
     changing the codes under one patch changes the encoder input of that patch alone."""

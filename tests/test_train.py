@@ -1,5 +1,6 @@
 import json
 import logging
+import re
 from itertools import pairwise
 from pathlib import Path
 
@@ -185,3 +186,49 @@ def test_image_tokens_model_trains_saves_its_tokenizer_and_predicts(tmp_path, vo
         Predictor(predictor.model, predictor.vocab)
     with pytest.raises(ValueError, match="image_tokens reads images as VQ codes"):
         multitask.main([*args, "--vq", "none", "--no-resume"])
+
+
+def test_image_expert_fine_tune_trains_image_rows_alone(tmp_path, vocab_dir):
+    """train_only=IMAGE_OUTPUT_PARAMS on an image_expert fine-tune: only those tensors move (the
+    stem's BatchNorm statistics included, they stay), so a text row's logits are bit for bit the
+    checkpoint's while an image row's change."""
+    from ofa_unified.model import IMAGE_OUTPUT_PARAMS
+    from ofa_unified.vq import VQConfig, VQTokenizer, encoder_codes
+
+    vq = VQTokenizer(VQConfig(channels=8, num_res_blocks=0, patch_hidden=8, codebook_size=16, code_dim=8))
+    vq.save(tmp_path / "vq")
+    vq_args = ["--vq", str(tmp_path / "vq"), "--tasks", "caption=1,image_infilling=1"]
+    multitask.main(micro_args(tmp_path / "init", vocab_dir, "--max-steps", "1", *vq_args))
+    start = load_checkpoint(tmp_path / "init" / "model").model
+    args = micro_args(
+        tmp_path / "ft", vocab_dir, "--init", str(tmp_path / "init" / "model"), "--max-steps", "2",
+        *vq_args, "--tasks", "image_infilling=1,text_to_image=1", "--train-only", IMAGE_OUTPUT_PARAMS,
+    )  # fmt: skip
+    args[args.index("--model-overrides") + 1] = "dropout=0,image_expert=true,image_tokens=true"
+    assert multitask.main(args)["step"] == 2
+    tuned = load_checkpoint(tmp_path / "ft" / "model")
+    before, after = start.state_dict(), tuned.model.state_dict()
+    pattern = re.compile(IMAGE_OUTPUT_PARAMS)
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(pattern.search(k) for k in moved), sorted(moved)
+    assert any(".image_ffn." in k for k in after if k not in before)
+    assert all(pattern.search(k) for k in after if k not in before)
+
+    image = torch.randn(2, 3, 64, 64)
+    ids = torch.randint(4, 300, (2, 6))
+    dec = torch.randint(4, 300, (2, 5))
+    code = torch.tensor([False, True])
+    codes = encoder_codes(tuned.model.config, VQTokenizer.load(tmp_path / "vq"), tuned.vocab, image, code)
+    with torch.no_grad():
+        want, _ = start.eval()(ids, dec, image, code_mask=code)
+        got, _ = tuned.model.eval()(ids, dec, image, code_mask=code, image_codes=codes)
+    assert torch.equal(got[0], want[0])
+    assert (got[1] - want[1]).abs().max() > 1e-4
+
+
+def test_train_only_that_trains_nothing_is_refused(tmp_path, vocab_dir, capsys):
+    with pytest.raises(SystemExit):
+        multitask.main(micro_args(tmp_path, vocab_dir, "--train-only", "("))
+    assert "train_only must be a regular expression" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="matches no parameter"):
+        multitask.main(micro_args(tmp_path, vocab_dir, "--max-steps", "1", "--train-only", "^nothing$"))

@@ -36,6 +36,7 @@ import logging
 import math
 import os
 import random
+import re
 import sys
 import time
 import types
@@ -219,6 +220,13 @@ def check_config(cfg: TrainConfig) -> None:
     for name, ok, rule in rules:
         if not ok:
             raise ValueError(f"config {name} must be {rule}, got {getattr(cfg, name)!r}")
+    if cfg.train_only is not None:
+        try:
+            re.compile(cfg.train_only)
+        except re.error as e:
+            raise ValueError(
+                f"config train_only must be a regular expression, got {cfg.train_only!r}: {e}"
+            ) from None
     for name, weight in cfg.tasks.items():
         get_task(name)  # UnknownTaskError names the known tasks
         if weight < 0:
@@ -394,6 +402,9 @@ class MultitaskRecipe:
         if self.is_main:
             n = self.model.num_parameters()
             logger.info("model %s: %.2fM parameters, vocab %r", cfg.init or cfg.model, n / 1e6, self.vocab)
+            if cfg.train_only is not None:
+                trained = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+                logger.info("training %.2fM of them (train_only %r)", trained / 1e6, cfg.train_only)
             logger.info(
                 "tasks %s; data %s; device %s x%d", self.tasks, cfg.data, self.device, self.world_size
             )
@@ -465,19 +476,27 @@ class MultitaskRecipe:
         return vocab, build_model(cfg.model, **{**cfg.model_overrides, "vocab_size": len(vocab)})
 
     def _prepare_stem(self, model: OFAModel, fresh: bool) -> None:
-        """Load the pretrained stem (fresh runs only: a resumed state holds it) and freeze it."""
+        """Load the pretrained stem (fresh runs only: a resumed state holds it) and freeze what the
+        config fixes (`freeze_stem`, `train_only`)."""
         cfg, stem = self.cfg, model.encoder.embed_images
         if cfg.stem and fresh:
             meta = load_stem(stem, cfg.stem)
             if self.is_main:
                 logger.info("image stem from %s (pretrained: %s)", cfg.stem, meta.get("val"))
+        if cfg.train_only is not None:
+            pattern = re.compile(cfg.train_only)
+            for name, p in model.named_parameters():
+                p.requires_grad_(bool(pattern.search(name)))
+            if not any(p.requires_grad for p in model.parameters()):
+                raise ValueError(f"train_only {cfg.train_only!r} matches no parameter of the model")
         if cfg.freeze_stem:
             stem.requires_grad_(False)
+        self.stem_fixed = not any(p.requires_grad for p in stem.parameters())
 
     def _train_mode(self) -> None:
         """model.train(), except that a frozen stem keeps evaluating with its stored BatchNorm statistics."""
         self.model.train()
-        if self.cfg.freeze_stem:
+        if self.stem_fixed:
             self.model.encoder.embed_images.eval()
 
     def _vocab(self) -> Vocab:
@@ -588,9 +607,9 @@ class MultitaskRecipe:
         """bf16 autocast on CUDA (or when asked for); a no-op in fp32."""
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
-    def image_codes(self, images: torch.Tensor) -> torch.Tensor | None:
+    def image_codes(self, images: torch.Tensor, code_mask: torch.Tensor | None) -> torch.Tensor | None:
         """The images' VQ code ids when the model reads them (`image_tokens`), else None."""
-        return encoder_codes(self.model.config, self.input_vq, self.vocab, images)
+        return encoder_codes(self.model.config, self.input_vq, self.vocab, images, code_mask)
 
     def loss(self, model, batch: dict, label_smoothing: float = 0.0, reduction: str = "mean") -> torch.Tensor:
         """Token cross-entropy of a collated batch; reduction "none" gives [B, T] with 0 at padding."""
@@ -603,7 +622,7 @@ class MultitaskRecipe:
                 b["patch_images"],
                 b["patch_masks"],
                 code_mask,
-                self.image_codes(b["patch_images"]),
+                self.image_codes(b["patch_images"], code_mask),
             )
         return F.cross_entropy(
             logits.float().transpose(1, 2),
@@ -778,7 +797,7 @@ class MultitaskRecipe:
                 batch["patch_images"],
                 batch["patch_masks"],
                 code_mask,
-                self.image_codes(batch["patch_images"]),
+                self.image_codes(batch["patch_images"], code_mask),
             )
             config = task.generation_config(records[0], beam_size=1, do_sample=False)
             prefix = [e.source_ids[1:-1] for e in examples] if self.prompt else None

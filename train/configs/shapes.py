@@ -42,6 +42,9 @@ class TrainConfig:
     init: str | None = None  # fine-tune from a checkpoint (own / HF-port / fairseq); keeps its vocabulary
     stem: str | None = None  # a pretrained image stem (train/stem.py) loaded over the model's ResNet
     freeze_stem: bool = False  # keep the ResNet's weights and BatchNorm statistics fixed
+    # A regex: train only the parameters whose names match it (e.g. model.IMAGE_OUTPUT_PARAMS); the
+    # rest, and the BatchNorm statistics of a stem left without trainable weights, stay fixed.
+    train_only: str | None = None
     # --- vocabulary
     vocab: str | None = None  # a Vocab directory; None: SentencePiece trained on shapes-world text
     vocab_size: int = 512  # SentencePiece pieces incl. 4 specials and 256 byte-fallback pieces
