@@ -36,13 +36,13 @@ PAD_ID = 1
 # OFAConfig options that OFA's architecture lacks -> what their parameter names contain (HF export
 # refuses them; fine-tuning a checkpoint with one turned on starts its module at zero, except the
 # image expert's FFNs, which start as copies of the shared ones).
+EXPERT = "image_ffn."  # an image expert's FFN sits at `<layer>.image_ffn.<OFA's FFN names>`
 NON_OFA_MODULES = {
     "image_skip": "encoder.image_skip_proj.",
     "image_pos_content": "encoder.image_pos_proj.",
     "image_tokens": "encoder.image_code_proj.",
-    "image_expert": ".image_ffn.",
+    "image_expert": f".{EXPERT}",
 }
-EXPERT = "image_ffn."
 # Parameters that only image-output rows (`code_mask`) use when `image_expert` is on: training only
 # these (train/configs/shapes_image_expert.py) cannot change any text task's output.
 IMAGE_OUTPUT_PARAMS = (
