@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import lru_cache
 from pathlib import Path
@@ -46,7 +47,7 @@ NON_OFA_MODULES = {
 # Parameters that only image-output rows (`code_mask`) use when `image_expert` is on: training only
 # these (train/configs/shapes_image_expert.py) cannot change any text task's output.
 IMAGE_OUTPUT_PARAMS = (
-    r"\.image_ffn\.|^encoder\.image_code_proj\."
+    re.escape(f".{EXPERT}") + r"|^encoder\.image_code_proj\."
     r"|^decoder\.(code_layernorm_embedding|image_pos_ln|embed_image_positions|image_rel_pos_table_list)\."
 )
 CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -244,6 +245,14 @@ class Attention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(x.shape))
 
 
+def code_rows(code_mask: torch.Tensor | None) -> torch.Tensor | bool:
+    """Which rows write image codes, resolved once per forward (each check syncs a GPU): False for
+    none, True for all, else the [B] mask itself."""
+    if code_mask is None or not bool(code_mask.any()):
+        return False
+    return True if bool(code_mask.all()) else code_mask
+
+
 def add_ffn(module: nn.Module, d: int, ffn_dim: int) -> None:
     """Give `module` the FFN's weights under OFA's names (a layer's own, or its image expert's)."""
     module.fc1 = nn.Linear(d, ffn_dim)
@@ -277,11 +286,11 @@ class EncoderLayer(nn.Module):
         h = self.activation_dropout(F.gelu(w.fc1(w.final_layer_norm(x))))
         return self.residual(x, w.fc2(w.ffn_layer_norm(h)))
 
-    def feed_forward(self, x: torch.Tensor, image_rows: torch.Tensor | None = None) -> torch.Tensor:
-        """The shared FFN; with an image expert, rows flagged in `image_rows` [B] run the expert's."""
-        if self.image_ffn is None or image_rows is None or not bool(image_rows.any()):
+    def feed_forward(self, x: torch.Tensor, image_rows: torch.Tensor | bool = False) -> torch.Tensor:
+        """The shared FFN; with an image expert, the rows `image_rows` (`code_rows`) run the expert's."""
+        if self.image_ffn is None or image_rows is False:
             return self._ffn(x, self)
-        if bool(image_rows.all()):
+        if image_rows is True:
             return self._ffn(x, self.image_ffn)
         out = torch.empty_like(x)
         out[image_rows] = self._ffn(x[image_rows], self.image_ffn)
@@ -289,7 +298,7 @@ class EncoderLayer(nn.Module):
         return out
 
     def forward(
-        self, x: torch.Tensor, bias: torch.Tensor, image_rows: torch.Tensor | None = None
+        self, x: torch.Tensor, bias: torch.Tensor, image_rows: torch.Tensor | bool = False
     ) -> torch.Tensor:
         h = self.self_attn_layer_norm(x)
         x = self.residual(
@@ -314,7 +323,7 @@ class DecoderLayer(EncoderLayer):
         past_kv: tuple[torch.Tensor, torch.Tensor] | None,
         cross_bias: torch.Tensor,
         cross_kv: tuple[torch.Tensor, torch.Tensor],
-        image_rows: torch.Tensor | None = None,
+        image_rows: torch.Tensor | bool = False,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         h = self.self_attn_layer_norm(x)
         k, v = self.self_attn.project_kv(h)
@@ -434,13 +443,13 @@ class Encoder(Stack):
         images: torch.Tensor,
         masks: torch.Tensor | None = None,
         codes: torch.Tensor | None = None,
-        image_rows: torch.Tensor | None = None,
+        image_rows: torch.Tensor | bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Patch embeddings [B, h*w, d] as the transformer reads them (before dropout), the normalised
         image positions [1, h*w, d] and the position ids [h*w] the relative bias tables index.
         `codes`: the images' VQ code ids, for an `image_tokens` model; their term joins after the
         patch LayerNorm, so stem features of a large norm do not drown it. With `image_expert` only
-        the image-output rows (`image_rows`) read it."""
+        the image-output rows (`image_rows`, as `code_rows` gives them) read it."""
         cfg, types = self.cfg, self.type_embedding.weight
         *early, feats = self._image_features(images, masks)
         h, w = feats.shape[-2:]
@@ -460,9 +469,9 @@ class Encoder(Stack):
         img = self.patch_layernorm_embedding(img)
         if self.image_code_proj is not None and not cfg.image_expert:
             img = img + self.image_code_proj(self._code_embeddings(codes, h, w))
-        elif self.image_code_proj is not None and image_rows is not None and bool(image_rows.any()):
+        elif self.image_code_proj is not None and image_rows is not False:
             term = self.image_code_proj(self._code_embeddings(codes, h, w))
-            img = img + term * image_rows[:, None, None].to(term.dtype)
+            img = img + (term if image_rows is True else term * image_rows[:, None, None].to(term.dtype))
         return img, pos, ids
 
     def forward(
@@ -477,6 +486,7 @@ class Encoder(Stack):
         cfg, (B, L) = self.cfg, input_ids.shape
         if cfg.max_positions < L:
             raise ValueError(f"source has {L} tokens; this model takes at most {cfg.max_positions}")
+        image_rows = code_rows(code_mask) if cfg.image_expert else False
         types = self.type_embedding.weight
         x = self.dropout(self.layernorm_embedding(self.embed_tokens(input_ids) + types[0]))
         padding = input_ids.eq(PAD_ID)
@@ -484,7 +494,7 @@ class Encoder(Stack):
         image_rel_ids = None
         if patch_images is not None:
             img, img_pos, image_rel_ids = self.embed_patches(
-                patch_images, patch_masks, image_codes, code_mask
+                patch_images, patch_masks, image_codes, image_rows
             )
             img_pos = img_pos.expand(B, -1, -1)
             x = torch.cat([self.dropout(img), x], dim=1)
@@ -507,7 +517,7 @@ class Encoder(Stack):
             bias = abs_bias + rel
             if has_pads:
                 bias = masked(bias, padding[:, None, None, :])
-            x = layer(x, bias, code_mask)
+            x = layer(x, bias, image_rows)
         return EncoderOutput(self.layer_norm(x), padding, pos, code_mask)
 
 
@@ -558,8 +568,8 @@ class Decoder(Stack):
                 f"decoder reached {total} positions; this model takes at most {cfg.max_positions}"
             )
         code = enc.code_mask
-        any_code = code is not None and bool(code.any())
-        all_code = any_code and bool(code.all())
+        rows = code_rows(code)
+        any_code, all_code = rows is not False, rows is True
 
         x = self.embed_tokens(tokens)
         if all_code:
@@ -603,7 +613,7 @@ class Decoder(Stack):
                 self_bias = self_bias.expand(B, -1, -1, -1)
             past_kv = cache.self_kv[i] if cache is not None else None
             cross_kv = cache.cross_kv[i] if cache is not None else layer.cross_attn.project_kv(enc.hidden)
-            x, self_kv = layer(x, self_bias, past_kv, cross_bias, cross_kv, code)
+            x, self_kv = layer(x, self_bias, past_kv, cross_bias, cross_kv, rows)
             if new_cache is not None:
                 new_cache.self_kv.append(self_kv)
                 new_cache.cross_kv.append(cross_kv)

@@ -218,7 +218,7 @@ def test_image_expert_fine_tune_trains_image_rows_alone(tmp_path, vocab_dir):
     ids = torch.randint(4, 300, (2, 6))
     dec = torch.randint(4, 300, (2, 5))
     code = torch.tensor([False, True])
-    codes = encoder_codes(tuned.model.config, VQTokenizer.load(tmp_path / "vq"), tuned.vocab, image, code)
+    codes = encoder_codes(tuned.model.config, vq, tuned.vocab, image, code)
     with torch.no_grad():
         want, _ = start.eval()(ids, dec, image, code_mask=code)
         got, _ = tuned.model.eval()(ids, dec, image, code_mask=code, image_codes=codes)
