@@ -1,5 +1,6 @@
 import json
 import logging
+import math
 import re
 from itertools import pairwise
 from pathlib import Path
@@ -144,6 +145,11 @@ def test_image_tasks_are_dropped_without_vq_and_eval_runs(tmp_path, vocab_dir, c
     assert metrics["grounding/parsed"] == 1.0  # the bin constraint always gives a well-formed box
     assert {"val_loss", "val_loss/itm", "itm/accuracy", "grounding/acc@0.5"} <= set(metrics)
     assert "text_to_image/parsed" not in metrics
+    # whether the model reads the image is logged beside the losses
+    assert {"val_gap/itm", "val_gap/grounding", "pos_bias_std/decoder_cross", "cross_entropy/layer0"} <= set(
+        metrics
+    )
+    assert all(0 <= metrics[k] <= math.log(16) + 1e-4 for k in metrics if k.startswith("cross_entropy/"))
 
 
 def test_fine_tuning_starts_from_a_checkpoint_and_keeps_its_vocab(tmp_path, vocab_dir):

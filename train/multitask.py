@@ -80,6 +80,7 @@ from ofa_unified.data.pipeline import (  # noqa: E402
     collate,
     split_by_output,
 )
+from ofa_unified.diagnostics import cross_attention_entropy, position_bias_scale, rolled  # noqa: E402
 from ofa_unified.generate import generate  # noqa: E402
 from ofa_unified.inference import VQ_DIR  # noqa: E402  (where the Predictor looks for a tokenizer)
 from ofa_unified.model import PAD_ID, OFAModel, build_model  # noqa: E402
@@ -771,19 +772,40 @@ class MultitaskRecipe:
         return metrics
 
     def _val_loss(self, model) -> dict[str, float]:
+        """Validation loss per task, and its image gap: the loss with each sample shown another
+        sample's image minus the loss with its own (`val_gap/<task>`, nats per token). A task whose
+        answers come from the text alone has no gap, so a run that ignores the image shows at its
+        first evaluation. Beside it: the position-bias scale per attention kind and the decoder's
+        cross-attention entropy over the patches (`ofa_unified.diagnostics`)."""
         total, count = defaultdict(float), defaultdict(int)
-        bs = self.cfg.batch_size
+        bs, entropies = self.cfg.batch_size, []
         for i in range(0, len(self.val_examples), bs):
             for batch in split_by_output(collate(self.val_examples[i : i + bs], prompt=self.prompt)):
-                per_token = self.loss(model, batch, reduction="none")
-                counts = batch["labels"].ne(IGNORE_INDEX).sum(1)
-                for task, loss, n in zip(
-                    batch["tasks"], per_token.sum(1).tolist(), counts.tolist(), strict=True
-                ):
-                    for key in ("val_loss", f"val_loss/{task}"):
-                        total[key] += loss
-                        count[key] += n
-        return {k: total[k] / count[k] for k in sorted(total)}
+                counts = batch["labels"].ne(IGNORE_INDEX).sum(1).tolist()
+                for name, shown in (("val_loss", batch), ("val_swapped", rolled(batch))):
+                    per_token = self.loss(model, shown, reduction="none").sum(1).tolist()
+                    for task, loss, n in zip(batch["tasks"], per_token, counts, strict=True):
+                        for key in (name, f"{name}/{task}"):
+                            total[key] += loss
+                            count[key] += n
+                if not bool(batch["code_mask"].any()) and batch["patch_masks"].all():
+                    b = to_device(batch, self.device)
+                    entropies.append(
+                        cross_attention_entropy(
+                            model,
+                            lambda b=b: self.loss(model, b),
+                            (b["patch_images"].shape[-1] // 16) ** 2,
+                        )
+                    )
+        out = {k: total[k] / count[k] for k in sorted(total) if not k.startswith("val_swapped")}
+        for key in [k for k in out if k.startswith("val_loss/")]:
+            task = key.split("/", 1)[1]
+            out[f"val_gap/{task}"] = total[f"val_swapped/{task}"] / count[key] - out[key]
+        for kind, std in position_bias_scale(self.model, self.image_size // 16).items():
+            out[f"pos_bias_std/{kind}"] = std
+        for layer, values in enumerate(zip(*entropies, strict=True)):
+            out[f"cross_entropy/layer{layer}"] = sum(values) / len(values)
+        return out
 
     def _greedy(self, model, name: str, examples: list[Example]) -> dict[str, float]:
         """Greedy decoding under the task's constraint, parsed and scored by the task definition."""

@@ -133,14 +133,17 @@ def record_rng(seed: int) -> random.Random:
     return random.Random(f"records-{seed}")
 
 
-def make_scene(seed: int, image_size: int = 128) -> Scene:
-    """Lay out a scene from its seed alone (python ``random.Random(seed)``, no global state)."""
+def make_scene(seed: int, image_size: int = 128, max_objects: int = MAX_OBJECTS) -> Scene:
+    """Lay out a scene from its seed alone (python ``random.Random(seed)``, no global state).
+    `max_objects` below the default makes the easy scenes of a curriculum or a test bed."""
+    if not 1 <= max_objects <= MAX_OBJECTS:
+        raise ValueError(f"max_objects must be in [1, {MAX_OBJECTS}], got {max_objects}")
     rng = random.Random(seed)
     background = _make_background(rng)
     gap = max(2.0, 0.025 * image_size)
     placed: list[tuple[float, float, float, float]] = []
     objects = []
-    for _ in range(rng.randint(1, MAX_OBJECTS)):
+    for _ in range(rng.randint(1, max_objects)):
         shape, color, size = rng.choice(SHAPES), rng.choice(list(COLORS)), rng.choice(SIZES)
         spot = _place(rng, image_size, size, placed, gap)
         if spot is None and size == "large":
@@ -166,8 +169,10 @@ def render(scene: Scene) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8), "RGB")
 
 
-def sample(split: str, index: int, image_size: int = 128) -> tuple[Image.Image, Scene]:
-    scene = make_scene(scene_seed(split, index), image_size)
+def sample(
+    split: str, index: int, image_size: int = 128, max_objects: int = MAX_OBJECTS
+) -> tuple[Image.Image, Scene]:
+    scene = make_scene(scene_seed(split, index), image_size, max_objects)
     return render(scene), scene
 
 

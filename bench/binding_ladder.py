@@ -1,0 +1,292 @@
+"""The binding ladder: does the model read what is in the image, from the easiest case up?
+
+    python bench/binding_ladder.py --rungs color1 shape1 color2 vqa --arms ofa plain --steps 300 \
+        --out bench/results/binding_ladder.json
+
+Each rung is a question set on a fixed pool of rendered scenes: `color1` one object, "what color is
+the star?"; `shape1` one object, "what shape is the red shape?"; `color2` / `shape2` up to two
+objects, the object named by its other attributes or its place; `vqa` the full VQA mix on full scenes.
+Each arm is a model trained end to end on it (stem included) with the recipe's optimiser (AdamW,
+betas 0.9/0.98, decay 0.01, warmup, label smoothing 0.1, clipping 1.0):
+
+* `ofa`: the project's model at `--size` (`--override key=value` sets OFAConfig fields);
+* `plain`: a `torch.nn.Transformer` encoder-decoder (pre-LN, learned positions added to the tokens)
+  fed the same stem's patches: the control.
+
+Every `--eval-every` steps: teacher-forced exact-answer accuracy and loss on val with each scene's
+own image and with another scene's (the gap is the image's share of the answer), plus, for `ofa`,
+the position-bias scale per attention kind and the decoder's cross-attention entropy over patches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ofa_unified.data import shapes
+from ofa_unified.data.preprocess import image_to_tensor
+from ofa_unified.diagnostics import cross_attention_entropy, position_bias_scale
+from ofa_unified.model import OFAConfig, OFAModel, build_model, model_config
+from ofa_unified.resnet import ResNet
+from ofa_unified.tasks import get_task
+from ofa_unified.vocab import BOS, EOS, PAD, Vocab
+
+REPO = Path(__file__).resolve().parents[1]
+IGNORE = -100
+# rung -> (max objects per scene, question kinds)
+RUNGS = {
+    "color1": (1, {"color"}),
+    "shape1": (1, {"shape"}),
+    "color2": (2, {"color"}),
+    "shape2": (2, {"shape"}),
+    "vqa": (shapes.MAX_OBJECTS, {"color", "shape", "count", "existence", "relation"}),
+}
+
+
+def question_set(vocab: Vocab, split: str, n: int, rung: str, size: int) -> tuple[torch.Tensor, list]:
+    """Images [n, 3, size, size] and (scene index, source ids, answer ids) of each wanted question."""
+    max_objects, kinds = RUNGS[rung]
+    task, images, items = get_task("vqa"), [], []
+    for i in range(n):
+        image, scene = shapes.sample(split, i, size, max_objects)
+        images.append(image_to_tensor(image))
+        for r in shapes.scene_records(scene, shapes.record_rng(scene.seed), ["vqa"]):
+            if r["question_type"] in kinds:
+                target = task.target(r, image.size, vocab, random.Random(0))
+                src = vocab.encode(task.source(r, image.size, vocab))
+                items.append((i, src, vocab.encode(target, False, False)))
+    return torch.stack(images), items
+
+
+def batch(items: list, images: torch.Tensor, roll: bool = False) -> tuple[torch.Tensor, ...]:
+    n, src_len = len(items), max(len(x[1]) for x in items)
+    tgt_len = max(len(x[2]) for x in items) + 1
+    src = torch.full((n, src_len), PAD)
+    dec = torch.full((n, tgt_len), PAD)
+    labels = torch.full((n, tgt_len), IGNORE)
+    for j, (_, s, t) in enumerate(items):
+        src[j, : len(s)] = torch.tensor(s)
+        dec[j, : len(t) + 1] = torch.tensor([BOS, *t])
+        labels[j, : len(t) + 1] = torch.tensor([*t, EOS])
+    scenes = torch.tensor([x[0] for x in items])
+    if roll:  # another scene's image: the next question's, skipping questions about the same scene
+        other = scenes.roll(1)
+        same = other.eq(scenes)
+        other[same] = (scenes[same] + 1) % images.shape[0]
+        scenes = other
+    return src, images[scenes], dec, labels
+
+
+class PlainSeq2Seq(nn.Module):
+    """The control: `nn.Transformer` (pre-LN, GELU) with learned positions added to the tokens, the
+    same ResNet stem, tied input/output embeddings. Same call as OFAModel: (src, dec, images)."""
+
+    def __init__(self, cfg: OFAConfig, max_len: int = 512):
+        super().__init__()
+        d = cfg.d_model
+        self.stem = ResNet(cfg.resnet_layers, cfg.resnet_width)
+        self.image_proj = nn.Linear(self.stem.out_channels, d)
+        self.embed = nn.Embedding(cfg.vocab_size, d, padding_idx=PAD)
+        self.enc_pos = nn.Parameter(torch.randn(max_len, d) * 0.02)
+        self.dec_pos = nn.Parameter(torch.randn(max_len, d) * 0.02)
+        self.transformer = nn.Transformer(
+            d,
+            cfg.encoder_heads,
+            cfg.encoder_layers,
+            cfg.decoder_layers,
+            cfg.encoder_ffn_dim,
+            dropout=0.0,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
+        )
+        nn.init.normal_(self.embed.weight, std=0.02)
+
+    def forward(self, src: torch.Tensor, dec: torch.Tensor, images: torch.Tensor):
+        patches = self.image_proj(self.stem(images).flatten(2).transpose(1, 2))
+        x = torch.cat([patches, self.embed(src)], 1)
+        x = x + self.enc_pos[: x.shape[1]]
+        pad = torch.cat([src.new_zeros(src.shape[0], patches.shape[1]).bool(), src.eq(PAD)], 1)
+        y = self.embed(dec) + self.dec_pos[: dec.shape[1]]
+        causal = nn.Transformer.generate_square_subsequent_mask(dec.shape[1])
+        h = self.transformer(
+            x, y, tgt_mask=causal, src_key_padding_mask=pad, memory_key_padding_mask=pad, tgt_is_causal=True
+        )
+        return F.linear(h, self.embed.weight), None
+
+
+def _freeze_zero(*modules: nn.Module) -> None:
+    for m in modules:
+        for p in m.parameters():
+            nn.init.zeros_(p)
+            p.requires_grad_(False)
+
+
+def _no_normformer(model: OFAModel) -> None:
+    for layer in [*model.encoder.layers, *model.decoder.layers]:
+        layer.self_attn_mid_layer_norm = nn.Identity()
+        layer.ffn_layer_norm = nn.Identity()
+        if hasattr(layer, "cross_attn_mid_layer_norm"):
+            layer.cross_attn_mid_layer_norm = nn.Identity()
+
+
+def _set_scaling(model: OFAModel) -> None:
+    for m in model.modules():
+        if hasattr(m, "scaling") and hasattr(m, "head_dim"):
+            m.scaling = m.head_dim**-0.5
+
+
+def _torch_init(model: OFAModel) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            m.reset_parameters()
+
+
+# One change at a time to the `ofa` arm (the ladder's ablations; `--ablate NAME ...`).
+ABLATIONS = {
+    "no_abs_pos": lambda m: _freeze_zero(
+        m.encoder.pos_q_linear,
+        m.encoder.pos_k_linear,
+        m.decoder.self_pos_q_linear,
+        m.decoder.self_pos_k_linear,
+        m.decoder.cross_pos_q_linear,
+        m.decoder.cross_pos_k_linear,
+    ),
+    "no_rel_pos": lambda m: _freeze_zero(
+        *m.encoder.token_rel_pos_table_list,
+        *m.encoder.image_rel_pos_table_list,
+        *m.decoder.token_rel_pos_table_list,
+        *m.decoder.image_rel_pos_table_list,
+    ),
+    "no_normformer": _no_normformer,
+    "no_patch_ln": lambda m: setattr(m.encoder, "patch_layernorm_embedding", nn.Identity()),
+    "scale_head_dim": _set_scaling,
+    "torch_init": _torch_init,
+}
+
+
+def make_model(arm: str, size: str, vocab_size: int, overrides: dict, ablate: list[str] = ()) -> nn.Module:
+    cfg = model_config(size, vocab_size=vocab_size, dropout=0.0, **overrides)
+    if arm == "ofa":
+        model = build_model(cfg)
+        for name in ablate:
+            ABLATIONS[name](model)
+        return model
+    if arm == "plain":
+        return PlainSeq2Seq(cfg)
+    raise ValueError(f"unknown arm {arm!r}; expected ofa or plain")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, val: list, images: torch.Tensor) -> dict:
+    model.eval()
+    out: dict = {}
+    for name, roll in (("own", False), ("swapped", True)):
+        loss, tokens, correct = 0.0, 0, 0
+        for start in range(0, len(val), 128):
+            src, img, dec, labels = batch(val[start : start + 128], images, roll)
+            logits, _ = model(src, dec, img)
+            loss += F.cross_entropy(
+                logits.transpose(1, 2), labels, ignore_index=IGNORE, reduction="sum"
+            ).item()
+            tokens += int(labels.ne(IGNORE).sum())
+            correct += int((logits.argmax(-1).eq(labels) | labels.eq(IGNORE)).all(1).sum())
+        out[f"{name}_loss"], out[f"{name}_acc"] = round(loss / tokens, 3), round(correct / len(val), 3)
+    if isinstance(model, OFAModel):
+        grid = images.shape[-1] // 16
+        out["pos_bias_std"] = {k: round(v, 2) for k, v in position_bias_scale(model, grid).items()}
+        src, img, dec, _ = batch(val[:64], images)
+        ent = cross_attention_entropy(model, lambda: model(src, dec, img), grid * grid)
+        out["cross_entropy_nats"] = [round(e, 2) for e in ent]
+    model.train()
+    return out
+
+
+def run(arm: str, rung: str, args, vocab: Vocab, data: dict) -> dict:
+    torch.manual_seed(args.seed)
+    model = make_model(arm, args.size, len(vocab), args.override, args.ablate if arm == "ofa" else ())
+    trained = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trained if p.dim() >= 2]
+    rest = [p for p in trained if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.98),
+    )
+    (train_images, train), (val_images, val) = data["train"], data["val"]
+    rng, log, start = random.Random(args.seed), [], time.time()
+    for step in range(1, args.steps + 1):
+        for group in opt.param_groups:
+            group["lr"] = args.lr * min(1.0, step / args.warmup)
+        src, img, dec, labels = batch(rng.sample(train, args.batch_size), train_images)
+        logits, _ = model(src, dec, img)
+        loss = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE, label_smoothing=0.1)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
+        opt.step()
+        if step % args.eval_every == 0 or step == args.steps:
+            row = {"step": step, "samples": step * args.batch_size, "seconds": round(time.time() - start)}
+            row.update(evaluate(model, val, val_images))
+            log.append(row)
+            print(json.dumps({"arm": arm, "rung": rung, "ablate": args.ablate, **row}), flush=True)
+    ablate = args.ablate if arm == "ofa" else []
+    return {"arm": arm, "rung": rung, "overrides": args.override, "ablate": ablate, "log": log}
+
+
+def parse_overrides(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        out[key] = json.loads(value) if value[:1] in "0123456789-[{tf" else value
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rungs", nargs="+", default=["color1"], choices=sorted(RUNGS))
+    parser.add_argument("--arms", nargs="+", default=["ofa", "plain"])
+    parser.add_argument("--size", default="shapes")
+    parser.add_argument("--override", nargs="*", default=[], help="OFAConfig key=value for both arms")
+    parser.add_argument("--ablate", nargs="*", default=[], choices=sorted(ABLATIONS), help="for the ofa arm")
+    parser.add_argument("--vocab", type=Path, default=REPO / "checkpoints" / "default")
+    parser.add_argument("--scenes", type=int, default=3000, help="train scenes in the rendered pool")
+    parser.add_argument("--val-scenes", type=int, default=300)
+    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    args.override = parse_overrides(args.override)
+    torch.set_num_threads(args.threads)
+    vocab = Vocab.load(args.vocab)
+    results = []
+    for rung in args.rungs:
+        data = {
+            "train": question_set(vocab, "train", args.scenes, rung, args.image_size),
+            "val": question_set(vocab, "val", args.val_scenes, rung, args.image_size),
+        }
+        for arm in args.arms:
+            results.append(run(arm, rung, args, vocab, data))
+            if args.out:
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                report = {"args": {k: str(v) for k, v in vars(args).items()}, "runs": results}
+                args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
