@@ -129,55 +129,39 @@ def _freeze_zero(*modules: nn.Module) -> None:
             p.requires_grad_(False)
 
 
-def _no_normformer(model: OFAModel) -> None:
-    for layer in [*model.encoder.layers, *model.decoder.layers]:
-        layer.self_attn_mid_layer_norm = nn.Identity()
-        layer.ffn_layer_norm = nn.Identity()
-        if hasattr(layer, "cross_attn_mid_layer_norm"):
-            layer.cross_attn_mid_layer_norm = nn.Identity()
-
-
-def _set_scaling(model: OFAModel) -> None:
-    for m in model.modules():
-        if hasattr(m, "scaling") and hasattr(m, "head_dim"):
-            m.scaling = m.head_dim**-0.5
-
-
 def _torch_init(model: OFAModel) -> None:
     for m in model.modules():
         if isinstance(m, nn.Linear):
             m.reset_parameters()
 
 
-# One change at a time to the `ofa` arm (the ladder's ablations; `--ablate NAME ...`).
+# One change at a time to the `ofa` arm (`--ablate NAME ...`): OFAConfig options where the model has
+# one, else a change made here.
 ABLATIONS = {
-    "no_abs_pos": lambda m: _freeze_zero(
-        m.encoder.pos_q_linear,
-        m.encoder.pos_k_linear,
-        m.decoder.self_pos_q_linear,
-        m.decoder.self_pos_k_linear,
-        m.decoder.cross_pos_q_linear,
-        m.decoder.cross_pos_k_linear,
-    ),
+    "no_abs_pos": {"abs_pos_bias": False},
+    "no_normformer": {"normformer": False},
+    "no_patch_ln": {"patch_layernorm": False},
+    "scale_head_dim": {"attention_scale": "head_dim"},
     "no_rel_pos": lambda m: _freeze_zero(
         *m.encoder.token_rel_pos_table_list,
         *m.encoder.image_rel_pos_table_list,
         *m.decoder.token_rel_pos_table_list,
         *m.decoder.image_rel_pos_table_list,
     ),
-    "no_normformer": _no_normformer,
-    "no_patch_ln": lambda m: setattr(m.encoder, "patch_layernorm_embedding", nn.Identity()),
-    "scale_head_dim": _set_scaling,
     "torch_init": _torch_init,
 }
 
 
 def make_model(arm: str, size: str, vocab_size: int, overrides: dict, ablate: list[str] = ()) -> nn.Module:
-    cfg = model_config(size, vocab_size=vocab_size, dropout=0.0, **overrides)
+    options = {
+        k: v for name in ablate if isinstance(ABLATIONS[name], dict) for k, v in ABLATIONS[name].items()
+    }
+    cfg = model_config(size, vocab_size=vocab_size, dropout=0.0, **{**overrides, **options})
     if arm == "ofa":
         model = build_model(cfg)
         for name in ablate:
-            ABLATIONS[name](model)
+            if callable(ABLATIONS[name]):
+                ABLATIONS[name](model)
         return model
     if arm == "plain":
         return PlainSeq2Seq(cfg)
@@ -209,35 +193,67 @@ def evaluate(model: nn.Module, val: list, images: torch.Tensor) -> dict:
     return out
 
 
-def run(arm: str, rung: str, args, vocab: Vocab, data: dict) -> dict:
-    torch.manual_seed(args.seed)
-    model = make_model(arm, args.size, len(vocab), args.override, args.ablate if arm == "ofa" else ())
+def train(
+    model: nn.Module,
+    data: tuple[torch.Tensor, list],
+    steps: int,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    warmup: int = 50,
+    seed: int = 0,
+    every: int = 0,
+    report=None,
+) -> None:
+    """The recipe's optimiser on one question set; `report(step)` runs every `every` steps and last."""
     trained = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in trained if p.dim() >= 2]
-    rest = [p for p in trained if p.dim() < 2]
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}],
-        lr=args.lr,
+        [
+            {"params": [p for p in trained if p.dim() >= 2], "weight_decay": 0.01},
+            {"params": [p for p in trained if p.dim() < 2], "weight_decay": 0.0},
+        ],
+        lr=lr,
         betas=(0.9, 0.98),
     )
-    (train_images, train), (val_images, val) = data["train"], data["val"]
-    rng, log, start = random.Random(args.seed), [], time.time()
-    for step in range(1, args.steps + 1):
+    images, items = data
+    rng = random.Random(seed)
+    for step in range(1, steps + 1):
         for group in opt.param_groups:
-            group["lr"] = args.lr * min(1.0, step / args.warmup)
-        src, img, dec, labels = batch(rng.sample(train, args.batch_size), train_images)
+            group["lr"] = lr * min(1.0, step / warmup)
+        src, img, dec, labels = batch(rng.sample(items, batch_size), images)
         logits, _ = model(src, dec, img)
         loss = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE, label_smoothing=0.1)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
         opt.step()
-        if step % args.eval_every == 0 or step == args.steps:
-            row = {"step": step, "samples": step * args.batch_size, "seconds": round(time.time() - start)}
-            row.update(evaluate(model, val, val_images))
-            log.append(row)
-            print(json.dumps({"arm": arm, "rung": rung, "ablate": args.ablate, **row}), flush=True)
+        if report is not None and (step == steps or (every and step % every == 0)):
+            report(step)
+
+
+def run(arm: str, rung: str, args, vocab: Vocab, data: dict) -> dict:
+    torch.manual_seed(args.seed)
     ablate = args.ablate if arm == "ofa" else []
+    model = make_model(arm, args.size, len(vocab), args.override, ablate)
+    val_images, val = data["val"]
+    log, start = [], time.time()
+
+    def report(step: int) -> None:
+        row = {"step": step, "samples": step * args.batch_size, "seconds": round(time.time() - start)}
+        row.update(evaluate(model, val, val_images))
+        log.append(row)
+        print(json.dumps({"arm": arm, "rung": rung, "ablate": ablate, **row}), flush=True)
+
+    train(
+        model,
+        data["train"],
+        args.steps,
+        args.batch_size,
+        args.lr,
+        args.warmup,
+        args.seed,
+        args.eval_every,
+        report,
+    )
     return {"arm": arm, "rung": rung, "overrides": args.override, "ablate": ablate, "log": log}
 
 

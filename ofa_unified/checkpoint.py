@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ofa_unified.model import EXPERT, NON_OFA_MODULES, OFAConfig, OFAModel
+from ofa_unified.model import EXPERT, NON_OFA_MODULES, OFA_SETTINGS, OFAConfig, OFAModel
 from ofa_unified.resnet import RESNET_LAYERS, ResNet
 from ofa_unified.vocab import Vocab
 
@@ -568,6 +568,7 @@ def safe_torch_load(path: Path) -> dict:
 
 def hf_config(config: OFAConfig) -> dict:
     extras = [name for name in NON_OFA_MODULES if getattr(config, name)]
+    extras += [name for name, ofa in OFA_SETTINGS.items() if getattr(config, name) != ofa]
     if extras:
         raise CheckpointError(
             f"{', '.join(extras)}: not part of OFA's architecture; the HF port cannot hold it"

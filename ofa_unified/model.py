@@ -50,6 +50,8 @@ IMAGE_OUTPUT_PARAMS = (
     re.escape(f".{EXPERT}") + r"|^encoder\.image_code_proj\."
     r"|^decoder\.(code_layernorm_embedding|image_pos_ln|embed_image_positions|image_rel_pos_table_list)\."
 )
+# OFAConfig fields that remove a piece of OFA -> OFA's own setting (the HF export refuses the others).
+OFA_SETTINGS = {"abs_pos_bias": True, "normformer": True, "patch_layernorm": True, "attention_scale": "ofa"}
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 
 
@@ -95,6 +97,13 @@ class OFAConfig:
     # read the `image_tokens` term; text outputs run the shared weights alone. Attention, embeddings
     # and the stem stay shared. So the image tasks can be trained on without moving any text task.
     image_expert: bool = False
+    # OFA's own pieces, each removable (the binding ladder, bench/README.md: with all four at OFA's
+    # setting a micro model does not learn a one-object colour question in 150 steps; without them it
+    # passes a plain nn.Transformer). True / "ofa" is OFA's computation, exactly.
+    abs_pos_bias: bool = True  # False: no decoupled absolute position bias; relative tables only
+    normformer: bool = True  # False: no LayerNorm after attention nor on the FFN hidden
+    patch_layernorm: bool = True  # False: patch embeddings enter the encoder unnormalised
+    attention_scale: str = "ofa"  # "ofa": (2 * head_dim) ** -0.5; "head_dim": head_dim ** -0.5
     # Preprocessing and decoding conventions that travel with the weights.
     patch_image_size: int = 480
     prompt_type: str = "none"  # "prev_output": source minus eos is forced as decoder prefix (OFA fine-tuned)
@@ -111,6 +120,8 @@ class OFAConfig:
                 raise ValueError(f"d_model {self.d_model} is not divisible by {side}_heads {heads}")
         if len(self.resnet_layers) != 3:
             raise ValueError(f"resnet_layers needs 3 stage depths, got {self.resnet_layers}")
+        if self.attention_scale not in ("ofa", "head_dim"):
+            raise ValueError(f"attention_scale must be 'ofa' or 'head_dim', got {self.attention_scale!r}")
         if self.prompt_type not in ("none", "prev_output"):
             raise ValueError(f"prompt_type must be 'none' or 'prev_output', got {self.prompt_type!r}")
 
@@ -216,10 +227,10 @@ class KVCache:
 class Attention(nn.Module):
     """Multi-head attention with NormFormer head scaling; positions arrive as an additive bias."""
 
-    def __init__(self, d_model: int, heads: int, dropout: float):
+    def __init__(self, d_model: int, heads: int, dropout: float, scale: str = "ofa"):
         super().__init__()
         self.heads, self.head_dim = heads, d_model // heads
-        self.scaling = (self.head_dim * 2) ** -0.5
+        self.scaling = (self.head_dim * (2 if scale == "ofa" else 1)) ** -0.5
         self.dropout = dropout
         self.q_proj = nn.Linear(d_model, d_model)
         self.k_proj = nn.Linear(d_model, d_model)
@@ -253,10 +264,15 @@ def code_rows(code_mask: torch.Tensor | None) -> torch.Tensor | bool:
     return True if bool(code_mask.all()) else code_mask
 
 
-def add_ffn(module: nn.Module, d: int, ffn_dim: int) -> None:
+def norm(d: int, on: bool) -> nn.Module:
+    """A LayerNorm, or nothing where the config removes it (`normformer`, `patch_layernorm`)."""
+    return nn.LayerNorm(d) if on else nn.Identity()
+
+
+def add_ffn(module: nn.Module, d: int, ffn_dim: int, normformer: bool = True) -> None:
     """Give `module` the FFN's weights under OFA's names (a layer's own, or its image expert's)."""
     module.fc1 = nn.Linear(d, ffn_dim)
-    module.ffn_layer_norm = nn.LayerNorm(ffn_dim)
+    module.ffn_layer_norm = norm(ffn_dim, normformer)
     module.fc2 = nn.Linear(ffn_dim, d)
     module.final_layer_norm = nn.LayerNorm(d)
 
@@ -267,14 +283,14 @@ class EncoderLayer(nn.Module):
     def __init__(self, cfg: OFAConfig, heads: int, ffn_dim: int, drop_path_rate: float):
         super().__init__()
         d = cfg.d_model
-        self.self_attn = Attention(d, heads, cfg.attention_dropout)
+        self.self_attn = Attention(d, heads, cfg.attention_dropout, cfg.attention_scale)
         self.self_attn_layer_norm = nn.LayerNorm(d)
-        self.self_attn_mid_layer_norm = nn.LayerNorm(d)
-        add_ffn(self, d, ffn_dim)
+        self.self_attn_mid_layer_norm = norm(d, cfg.normformer)
+        add_ffn(self, d, ffn_dim, cfg.normformer)
         self.image_ffn: nn.Module | None = None
         if cfg.image_expert:
             self.image_ffn = nn.Module()
-            add_ffn(self.image_ffn, d, ffn_dim)
+            add_ffn(self.image_ffn, d, ffn_dim, cfg.normformer)
         self.dropout = nn.Dropout(cfg.dropout)
         self.activation_dropout = nn.Dropout(cfg.activation_dropout)
         self.drop_path_rate = drop_path_rate
@@ -312,9 +328,9 @@ class DecoderLayer(EncoderLayer):
 
     def __init__(self, cfg: OFAConfig, heads: int, ffn_dim: int, drop_path_rate: float):
         super().__init__(cfg, heads, ffn_dim, drop_path_rate)
-        self.cross_attn = Attention(cfg.d_model, heads, cfg.attention_dropout)
+        self.cross_attn = Attention(cfg.d_model, heads, cfg.attention_dropout, cfg.attention_scale)
         self.cross_attn_layer_norm = nn.LayerNorm(cfg.d_model)
-        self.cross_attn_mid_layer_norm = nn.LayerNorm(cfg.d_model)
+        self.cross_attn_mid_layer_norm = norm(cfg.d_model, cfg.normformer)
 
     def forward(  # type: ignore[override]
         self,
@@ -336,15 +352,33 @@ class DecoderLayer(EncoderLayer):
 
 
 def position_bias(
-    q_linear: nn.Linear, k_linear: nn.Linear, q_pos: torch.Tensor, k_pos: torch.Tensor, heads: int
+    q_linear: nn.Linear | None,
+    k_linear: nn.Linear | None,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    heads: int,
 ) -> torch.Tensor:
-    """Absolute position bias `(W_q p_i * s) . (W_k p_j)` per head: [..., H, Tq, Tk]."""
+    """Absolute position bias `(W_q p_i * s) . (W_k p_j)` per head: [..., H, Tq, Tk] (zeros for a
+    model without it, `abs_pos_bias=False`)."""
+    if q_linear is None or k_linear is None:
+        shape = (
+            *torch.broadcast_shapes(q_pos.shape[:-2], k_pos.shape[:-2]),
+            heads,
+            q_pos.size(-2),
+            k_pos.size(-2),
+        )
+        return q_pos.new_zeros(shape)
 
     def split(t: torch.Tensor) -> torch.Tensor:
         return t.unflatten(-1, (heads, -1)).transpose(-3, -2)
 
     q, k = split(q_linear(q_pos)), split(k_linear(k_pos))
     return (q * (q.size(-1) * 2) ** -0.5) @ k.transpose(-1, -2)
+
+
+def position_linears(d: int, on: bool) -> tuple[nn.Linear | None, nn.Linear | None]:
+    """The q/k projections of one absolute position bias, or none (`abs_pos_bias=False`)."""
+    return (nn.Linear(d, d), nn.Linear(d, d)) if on else (None, None)
 
 
 def relative_bias(table: nn.Embedding, buckets: torch.Tensor) -> torch.Tensor:
@@ -403,9 +437,8 @@ class Encoder(Stack):
         self.image_skip_proj = nn.Linear(self.embed_images.stage_channels[0], d) if cfg.image_skip else None
         self.image_pos_proj = nn.Linear(d, d) if cfg.image_pos_content else None
         self.image_code_proj = nn.Linear(d, d) if cfg.image_tokens else None
-        self.patch_layernorm_embedding = nn.LayerNorm(d)
-        self.pos_q_linear = nn.Linear(d, d)
-        self.pos_k_linear = nn.Linear(d, d)
+        self.patch_layernorm_embedding = norm(d, cfg.patch_layernorm)
+        self.pos_q_linear, self.pos_k_linear = position_linears(d, cfg.abs_pos_bias)
         rates = linspace(cfg.encoder_drop_path_rate, cfg.encoder_layers)
         self.layers = nn.ModuleList(
             EncoderLayer(cfg, cfg.encoder_heads, cfg.encoder_ffn_dim, rate) for rate in rates
@@ -526,10 +559,8 @@ class Decoder(Stack):
         super().__init__(cfg, embed_tokens, cfg.decoder_layers, cfg.decoder_heads)
         d = cfg.d_model
         self.code_layernorm_embedding = nn.LayerNorm(d)
-        self.self_pos_q_linear = nn.Linear(d, d)
-        self.self_pos_k_linear = nn.Linear(d, d)
-        self.cross_pos_q_linear = nn.Linear(d, d)
-        self.cross_pos_k_linear = nn.Linear(d, d)
+        self.self_pos_q_linear, self.self_pos_k_linear = position_linears(d, cfg.abs_pos_bias)
+        self.cross_pos_q_linear, self.cross_pos_k_linear = position_linears(d, cfg.abs_pos_bias)
         rates = linspace(cfg.decoder_drop_path_rate, cfg.decoder_layers)
         self.layers = nn.ModuleList(
             DecoderLayer(cfg, cfg.decoder_heads, cfg.decoder_ffn_dim, rate) for rate in rates

@@ -271,3 +271,6 @@ def test_export_refuses_options_outside_ofa(tmp_path):
     vocab = Vocab.without_text(model.config.vocab_size - 1, 0, 0)
     with pytest.raises(CheckpointError, match="image_skip, image_pos_content: not part of OFA"):
         export_hf(model, vocab, tmp_path / "hf")
+    lean = build_model("micro", abs_pos_bias=False, attention_scale="head_dim")
+    with pytest.raises(CheckpointError, match="abs_pos_bias, attention_scale: not part of OFA"):
+        export_hf(lean, vocab, tmp_path / "hf2")
