@@ -149,23 +149,21 @@ def test_removed_pieces_have_no_parameters_and_the_model_still_decodes():
 
 @pytest.mark.parametrize(("options", "learns"), [(LEAN, True), ({}, False)])
 def test_a_micro_model_learns_one_object_colour_only_by_reading_the_image(options, learns):
-    """The binding ladder's first rung at test size (~5 s): one object, "what color is the ...?".
+    """The binding ladder's first rung at test size (~10 s): one object, "what color is the ...?".
     With OFA's position bias, NormFormer and patch LayerNorms and attention scale removed, a micro
-    model answers well above chance and falls to chance with another scene's image. With all four at
-    OFA's setting it has not left chance in the same budget (the failure the full mix showed)."""
+    model answers most questions right after 200 steps (0.77-0.95 seen, by thread count) and
+    falls to chance with another scene's image. With all four at OFA's setting it stays below 0.45
+    (chance ~0.17; at most 0.38 over four seeds in bench/README.md)."""
     from bench.binding_ladder import evaluate, make_model, question_set, train
 
     vocab = Vocab.load(REPO / "checkpoints" / "default")
-    data = {
-        "train": question_set(vocab, "train", 600, "color1", 64),
-        "val": question_set(vocab, "val", 100, "color1", 64),
-    }
+    train_set = question_set(vocab, "train", 600, "color1", 64)
+    val_images, val = question_set(vocab, "val", 100, "color1", 64)
     torch.manual_seed(0)
     model = make_model("ofa", "micro", len(vocab), options)
-    train(model, data["train"], steps=150, batch_size=32, lr=3e-3, warmup=20, seed=0)
-    model.eval()
-    result = evaluate(model, *reversed(data["val"]))
+    train(model, train_set, steps=200, batch_size=32, lr=3e-3, warmup=20, seed=0)
+    result = evaluate(model, val, val_images)
     if learns:
-        assert result["own_acc"] > 0.5 and result["swapped_acc"] < 0.3, result
+        assert result["own_acc"] > 0.7 and result["swapped_acc"] < 0.3, result
     else:
-        assert result["own_acc"] < 0.3, result
+        assert result["own_acc"] < 0.45, result
