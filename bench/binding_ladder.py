@@ -40,25 +40,30 @@ from ofa_unified.vocab import BOS, EOS, PAD, Vocab
 
 REPO = Path(__file__).resolve().parents[1]
 IGNORE = -100
-# rung -> (max objects per scene, question kinds)
+# rung -> (max objects per scene, task, question kinds or None for every record of the task)
 RUNGS = {
-    "color1": (1, {"color"}),
-    "shape1": (1, {"shape"}),
-    "color2": (2, {"color"}),
-    "shape2": (2, {"shape"}),
-    "vqa": (shapes.MAX_OBJECTS, {"color", "shape", "count", "existence", "relation"}),
+    "color1": (1, "vqa", {"color"}),
+    "shape1": (1, "vqa", {"shape"}),
+    "color2": (2, "vqa", {"color"}),
+    "shape2": (2, "vqa", {"shape"}),
+    "vqa": (shapes.MAX_OBJECTS, "vqa", {"color", "shape", "count", "existence", "relation"}),
+    "ground1": (1, "grounding", None),
+    "ground2": (2, "grounding", None),
 }
+# A box coordinate counts as read when within this many bins (one bin per pixel at 128 px): a box of
+# the smallest size (~16 px) off by 3 px on each side still overlaps its truth by IoU > 0.5.
+BIN_TOLERANCE = 3
 
 
 def question_set(vocab: Vocab, split: str, n: int, rung: str, size: int) -> tuple[torch.Tensor, list]:
     """Images [n, 3, size, size] and (scene index, source ids, answer ids) of each wanted question."""
-    max_objects, kinds = RUNGS[rung]
-    task, images, items = get_task("vqa"), [], []
+    max_objects, task_name, kinds = RUNGS[rung]
+    task, images, items = get_task(task_name), [], []
     for i in range(n):
         image, scene = shapes.sample(split, i, size, max_objects)
         images.append(image_to_tensor(image))
-        for r in shapes.scene_records(scene, shapes.record_rng(scene.seed), ["vqa"]):
-            if r["question_type"] in kinds:
+        for r in shapes.scene_records(scene, shapes.record_rng(scene.seed), [task_name]):
+            if kinds is None or r["question_type"] in kinds:
                 target = task.target(r, image.size, vocab, random.Random(0))
                 src = vocab.encode(task.source(r, image.size, vocab))
                 items.append((i, src, vocab.encode(target, False, False)))
@@ -139,6 +144,7 @@ def _torch_init(model: OFAModel) -> None:
 # one, else a change made here.
 ABLATIONS = {
     "no_abs_pos": {"abs_pos_bias": False},
+    "no_cross_pos": {"cross_pos_bias": False},
     "no_normformer": {"normformer": False},
     "no_patch_ln": {"patch_layernorm": False},
     "scale_head_dim": {"attention_scale": "head_dim"},
@@ -169,11 +175,13 @@ def make_model(arm: str, size: str, vocab_size: int, overrides: dict, ablate: li
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, val: list, images: torch.Tensor) -> dict:
+def evaluate(model: nn.Module, val: list, images: torch.Tensor, bin_offset: int) -> dict:
+    """Exact-answer accuracy and loss with own / swapped images; `*_near` also takes a box
+    coordinate within BIN_TOLERANCE bins (ids from `bin_offset` on) as right."""
     model.eval()
     out: dict = {}
     for name, roll in (("own", False), ("swapped", True)):
-        loss, tokens, correct = 0.0, 0, 0
+        loss, tokens, correct, near = 0.0, 0, 0, 0
         for start in range(0, len(val), 128):
             src, img, dec, labels = batch(val[start : start + 128], images, roll)
             logits, _ = model(src, dec, img)
@@ -181,8 +189,12 @@ def evaluate(model: nn.Module, val: list, images: torch.Tensor) -> dict:
                 logits.transpose(1, 2), labels, ignore_index=IGNORE, reduction="sum"
             ).item()
             tokens += int(labels.ne(IGNORE).sum())
-            correct += int((logits.argmax(-1).eq(labels) | labels.eq(IGNORE)).all(1).sum())
+            pred, skip = logits.argmax(-1), labels.eq(IGNORE)
+            correct += int((pred.eq(labels) | skip).all(1).sum())
+            close = pred.ge(bin_offset) & labels.ge(bin_offset) & (pred - labels).abs().le(BIN_TOLERANCE)
+            near += int((pred.eq(labels) | skip | close).all(1).sum())
         out[f"{name}_loss"], out[f"{name}_acc"] = round(loss / tokens, 3), round(correct / len(val), 3)
+        out[f"{name}_near"] = round(near / len(val), 3)
     if isinstance(model, OFAModel):
         grid = images.shape[-1] // 16
         out["pos_bias_std"] = {k: round(v, 2) for k, v in position_bias_scale(model, grid).items()}
@@ -239,7 +251,7 @@ def run(arm: str, rung: str, args, vocab: Vocab, data: dict) -> dict:
 
     def report(step: int) -> None:
         row = {"step": step, "samples": step * args.batch_size, "seconds": round(time.time() - start)}
-        row.update(evaluate(model, val, val_images))
+        row.update(evaluate(model, val, val_images, vocab.bin_offset))
         log.append(row)
         print(json.dumps({"arm": arm, "rung": rung, "ablate": ablate, **row}), flush=True)
 

@@ -12,6 +12,9 @@ tokens of the joint vocabulary. What makes it OFA rather than a plain seq2seq mo
 
 Not in OFA, each off by default (see OFAConfig): `image_skip`, `image_pos_content`, `image_tokens`
 on the input side, and `image_expert`, a BEiT-3-style multiway split on the output modality.
+OFA's own pieces can each be removed (`abs_pos_bias`, `cross_pos_bias`, `normformer`,
+`patch_layernorm`, `attention_scale`; OFA_SETTINGS): with them a small model is slow to read the
+image (the binding ladder, bench/README.md).
 
 Parameter names follow OFA's HF port, so official weights load with renames only
 (see `checkpoint.py`). `encode` runs once; `decode` is incremental over a `KVCache` so the
@@ -51,7 +54,13 @@ IMAGE_OUTPUT_PARAMS = (
     r"|^decoder\.(code_layernorm_embedding|image_pos_ln|embed_image_positions|image_rel_pos_table_list)\."
 )
 # OFAConfig fields that remove a piece of OFA -> OFA's own setting (the HF export refuses the others).
-OFA_SETTINGS = {"abs_pos_bias": True, "normformer": True, "patch_layernorm": True, "attention_scale": "ofa"}
+OFA_SETTINGS = {
+    "abs_pos_bias": True,
+    "cross_pos_bias": True,
+    "normformer": True,
+    "patch_layernorm": True,
+    "attention_scale": "ofa",
+}
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 
 
@@ -101,6 +110,9 @@ class OFAConfig:
     # setting a micro model does not learn a one-object colour question in 150 steps; without them it
     # passes a plain nn.Transformer). True / "ofa" is OFA's computation, exactly.
     abs_pos_bias: bool = True  # False: no decoupled absolute position bias; relative tables only
+    # False: the decoder's cross-attention gets no absolute position bias, so its content alone picks
+    # the patches it reads (OFA's bias there fixes each decoder step's patches before any is read)
+    cross_pos_bias: bool = True
     normformer: bool = True  # False: no LayerNorm after attention nor on the FFN hidden
     patch_layernorm: bool = True  # False: patch embeddings enter the encoder unnormalised
     attention_scale: str = "ofa"  # "ofa": (2 * head_dim) ** -0.5; "head_dim": head_dim ** -0.5
@@ -560,7 +572,9 @@ class Decoder(Stack):
         d = cfg.d_model
         self.code_layernorm_embedding = nn.LayerNorm(d)
         self.self_pos_q_linear, self.self_pos_k_linear = position_linears(d, cfg.abs_pos_bias)
-        self.cross_pos_q_linear, self.cross_pos_k_linear = position_linears(d, cfg.abs_pos_bias)
+        self.cross_pos_q_linear, self.cross_pos_k_linear = position_linears(
+            d, cfg.abs_pos_bias and cfg.cross_pos_bias
+        )
         rates = linspace(cfg.decoder_drop_path_rate, cfg.decoder_layers)
         self.layers = nn.ModuleList(
             DecoderLayer(cfg, cfg.decoder_heads, cfg.decoder_ffn_dim, rate) for rate in rates

@@ -17,8 +17,8 @@ import torch
 
 from ofa_unified.data import shapes
 from ofa_unified.data.pipeline import ShapesMultitask, build_shapes_vocab, collate
-from ofa_unified.diagnostics import rolled
-from ofa_unified.model import build_model
+from ofa_unified.diagnostics import position_bias_scale, rolled
+from ofa_unified.model import OFA_SETTINGS, build_model
 from ofa_unified.tasks import get_task
 from ofa_unified.vocab import Vocab
 
@@ -125,9 +125,7 @@ def test_options_at_ofas_setting_are_ofas_model_exactly():
     options are left out or spelled at OFA's setting."""
     torch.manual_seed(0)
     plain = build_model("micro").eval()
-    spelled = build_model(
-        "micro", abs_pos_bias=True, normformer=True, patch_layernorm=True, attention_scale="ofa"
-    ).eval()
+    spelled = build_model("micro", **OFA_SETTINGS).eval()
     spelled.load_state_dict(plain.state_dict())
     src, dec, img = torch.randint(4, 300, (2, 7)), torch.randint(4, 300, (2, 5)), torch.randn(2, 3, 64, 64)
     assert torch.equal(plain(src, dec, img)[0], spelled(src, dec, img)[0])
@@ -147,6 +145,16 @@ def test_removed_pieces_have_no_parameters_and_the_model_still_decodes():
         build_model("micro", attention_scale="bert")
 
 
+def test_cross_pos_bias_off_removes_only_the_cross_attention_position_bias():
+    model = build_model("micro", cross_pos_bias=False)
+    names = set(dict(model.named_parameters()))
+    assert not any("cross_pos" in n for n in names)
+    assert {"encoder.pos_q_linear.weight", "decoder.self_pos_q_linear.weight"} <= names
+    src, dec, img = torch.randint(4, 300, (2, 7)), torch.randint(4, 300, (2, 5)), torch.randn(2, 3, 64, 64)
+    assert torch.isfinite(model(src, dec, img)[0]).all()
+    assert position_bias_scale(model, 4)["decoder_cross"] == 0.0
+
+
 @pytest.mark.parametrize(("options", "learns"), [(LEAN, True), ({}, False)])
 def test_a_micro_model_learns_one_object_colour_only_by_reading_the_image(options, learns):
     """The binding ladder's first rung at test size (~10 s): one object, "what color is the ...?".
@@ -162,7 +170,7 @@ def test_a_micro_model_learns_one_object_colour_only_by_reading_the_image(option
     torch.manual_seed(0)
     model = make_model("ofa", "micro", len(vocab), options)
     train(model, train_set, steps=200, batch_size=32, lr=3e-3, warmup=20, seed=0)
-    result = evaluate(model, val, val_images)
+    result = evaluate(model, val, val_images, vocab.bin_offset)
     if learns:
         assert result["own_acc"] > 0.7 and result["swapped_acc"] < 0.3, result
     else:
