@@ -10,13 +10,6 @@ from pathlib import Path
 import torch
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "default"
-# The task field that `--text` fills, per task (tasks not listed take it as "text").
-TEXT_FIELD = {
-    "vqa": "question",
-    "text_to_image": "caption",
-    "visual_entailment": "text2",
-    "qa_matching": "question",
-}
 
 
 def cmd_sizes(args: argparse.Namespace) -> None:
@@ -49,6 +42,7 @@ def parse_box(text: str) -> list[float]:
 def cmd_predict(args: argparse.Namespace) -> None:
     from ofa_unified.data.preprocess import ImageError, load_image
     from ofa_unified.inference import Predictor, Request
+    from ofa_unified.tasks import TEXT_FIELD
     from ofa_unified.vocab import TokenizerMissingError
 
     if (args.task is None) == (args.instruction is None):

@@ -203,19 +203,25 @@ class Predictor:
         if self.model.config.prompt_type == "prev_output":
             prefix = [p.source_ids[1:-1] for p in batch]
         hyps = generate(self.model, enc, batch[0].config, [p.constraint for p in batch], prefix)
-        out = [self._result(p, h) for p, h in zip(batch, hyps, strict=True)]
+        seen = (~enc.padding_mask).sum(dim=1).tolist()  # text tokens + image patches per request
+        out = [self._result(p, h, n) for p, h, n in zip(batch, hyps, seen, strict=True)]
         self._add_probabilities(batch, enc, out)
         return out
 
-    def _result(self, p: _Prepared, hyps: list[Hypothesis]) -> dict:
+    def _result(self, p: _Prepared, hyps: list[Hypothesis], prompt_tokens: int) -> dict:
         """The best hypothesis, parsed; an image task's picture is decoded from it, or with
-        `mean_image` is the pixel mean of every hypothesis's picture."""
+        `mean_image` is the pixel mean of every hypothesis's picture. `usage` counts the encoder
+        positions the model read (text tokens + image patches) and the answer's tokens (no eos), so
+        a client can bill or budget by what the model really saw; `hit_max_new_tokens` says eos was
+        forced at the length cap (the answer may be cut short)."""
         hyp = hyps[0]
         result: dict[str, Any] = {
             "task": p.task.name if p.task else None,
             "text": self.vocab.decode(hyp.tokens),
             "tokens": hyp.tokens,
             "score": hyp.score,
+            "usage": {"prompt_tokens": int(prompt_tokens), "completion_tokens": len(hyp.tokens)},
+            "hit_max_new_tokens": not p.code_output and len(hyp.tokens) >= p.config.max_new_tokens,
         }
         grids: list[list[int]] = []
         try:

@@ -531,6 +531,21 @@ def list_tasks() -> list[str]:
     return sorted(TASKS)
 
 
+# The field a task's free text fills (the CLI's --text, the chat API's message); "text" if not listed.
+TEXT_FIELD = {
+    "vqa": "question",
+    "text_to_image": "caption",
+    "visual_entailment": "text2",
+    "qa_matching": "question",
+}
+
+
+def text_field(task: Task) -> str | None:
+    """The record field free text goes into, or None when the task takes no text (caption, boxes)."""
+    name = TEXT_FIELD.get(task.name, "text")
+    return name if name in task.fields else None
+
+
 for _task in (
     CaptionTask("caption"),
     VQATask("vqa"),

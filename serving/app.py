@@ -4,8 +4,10 @@ Lifespan: startup launches a task that loads the checkpoint (off the event loop)
 batching engine and runs one warm-up request; only then does /readyz say ready, while /healthz
 answers from the first moment. Shutdown stops accepting work and lets queued requests finish.
 
-Errors: every refusal is JSON `{"error": {"type", "message", "limit", "request_id"}}`; anything
-unexpected is logged with its traceback and answered as a plain 500 message, never a trace.
+Errors: every refusal is JSON `{"error": {"type", "message", "limit", "request_id"}}`, on the
+OpenAI-compatible paths OpenAI's `{"error": {"message", "type", "param", "code"}}` (same status
+codes); anything unexpected is logged with its traceback and answered as a plain 500 message, never
+a trace.
 """
 
 from __future__ import annotations
@@ -28,18 +30,34 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ofa_unified.inference import Request as PredictRequest
 from serving.config import ServeConfig, resolve_device
 from serving.engine import BatchingEngine, PredictorLike
-from serving.handlers import Handlers, ServerState, ServingError, limit_error
-from serving.routes import router, validation_message
+from serving.handlers import Handlers, ServerState, ServingError, limit_error, validation_error
+from serving.routes import router
 from serving.telemetry import ServeMetrics, make_request_id, request_id_var
 
 logger = logging.getLogger("serving")
 access_logger = logging.getLogger("serving.access")
 QUIET_PATHS = ("/healthz", "/readyz", "/metrics")
 DOC_PATHS = ("/openapi.json", "/docs", "/redoc", "/docs/oauth2-redirect")  # served outside the router
+OPENAI_PATHS = ("/v1/chat/", "/v1/models")  # errors in OpenAI's shape, so its clients parse them
 
 
-def error_body(status: int, message: str, type: str, limit: str | None = None) -> dict[str, Any]:
-    return {"error": {"type": type, "message": message, "limit": limit, "request_id": request_id_var.get()}}
+def error_body(path: str, error: ServingError) -> dict[str, Any]:
+    """The error body for a request to `path`: this server's, or OpenAI's (our type as its `code`)."""
+    if path.startswith(OPENAI_PATHS):
+        kind = "invalid_request_error" if error.status < 500 else "server_error"
+        return {"error": {"message": error.message, "type": kind, "param": error.param, "code": error.type}}
+    return {
+        "error": {
+            "type": error.type,
+            "message": error.message,
+            "limit": error.limit,
+            "request_id": request_id_var.get(),
+        }
+    }
+
+
+def error_response(request: Request, error: ServingError) -> JSONResponse:
+    return JSONResponse(error_body(request.url.path, error), error.status, headers=error.headers)
 
 
 def build_app(config: ServeConfig | None = None, predictor: PredictorLike | None = None) -> FastAPI:
@@ -127,21 +145,19 @@ async def _shutdown(state: ServerState) -> None:
 
 async def _serving_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ServingError)
-    return JSONResponse(
-        error_body(exc.status, exc.message, exc.type, exc.limit), exc.status, headers=exc.headers
-    )
+    return error_response(request, exc)
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    return JSONResponse(error_body(422, validation_message(list(exc.errors())), "invalid_request"), 422)
+    return error_response(request, validation_error(list(exc.errors())))
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return JSONResponse(
-        error_body(exc.status_code, str(exc.detail), kind), exc.status_code, headers=exc.headers
+    return error_response(
+        request, ServingError(exc.status_code, str(exc.detail), type=kind, headers=dict(exc.headers or {}))
     )
 
 
@@ -191,7 +207,7 @@ class RequestContextMiddleware:
         try:
             length = headers.get(b"content-length")
             if length is not None and length.isdigit() and int(length) > self.max_body:
-                await _send_json(send_with_id, 413, self._too_large(int(length)))
+                await _send_json(send_with_id, scope, self._too_large(int(length)))
             else:
                 await self.app(scope, limited_receive, send_with_id)
         except Exception:
@@ -199,7 +215,7 @@ class RequestContextMiddleware:
             if not started:
                 await _send_json(
                     send_with_id,
-                    500,
+                    scope,
                     ServingError(500, "internal server error; see the server log", type="internal_error"),
                 )
         finally:
@@ -232,9 +248,9 @@ class RequestContextMiddleware:
         )
 
 
-async def _send_json(send: Send, status: int, error: ServingError) -> None:
-    body = json.dumps(error_body(status, error.message, error.type, error.limit)).encode()
+async def _send_json(send: Send, scope: Scope, error: ServingError) -> None:
+    body = json.dumps(error_body(scope.get("path", ""), error)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

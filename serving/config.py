@@ -44,6 +44,16 @@ class ServeConfig:
     max_new_tokens: int = _opt(256, "largest max_new_tokens a request may ask for")
     max_beam_size: int = _opt(8, "largest beam_size a request may ask for")
     max_candidates: int = _opt(100, "most candidate answers in one request")
+    # OpenAI-compatible chat API
+    model_name: str = _opt(
+        "", "model id in /v1/models and chat requests; '' = the checkpoint's directory name"
+    )
+    fetch_image_urls: bool = _opt(
+        False,
+        "fetch http(s) image_url images in chat requests (off: only data: URIs; the server makes "
+        "requests to whatever hosts clients name)",
+    )
+    image_fetch_timeout_s: float = _opt(10.0, "a fetched image_url must arrive whole within this")
 
     def __post_init__(self) -> None:
         positive = (
@@ -63,8 +73,9 @@ class ServeConfig:
         for name in ("batch_window_ms", "max_queue_depth", "retry_after_s", "shutdown_timeout_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not self.request_timeout_s > 0:
-            raise ValueError(f"request_timeout_s must be > 0, got {self.request_timeout_s}")
+        for name in ("request_timeout_s", "image_fetch_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
     @staticmethod
     def env_name(name: str) -> str:

@@ -6,7 +6,8 @@ Error mapping (every refusal is a `ServingError` with a JSON body naming the lim
 413 too many bytes / pixels; 415 not an image or an unsupported one; 422 invalid input (empty
 instruction, unknown task, missing field, bad box, too many candidates, options over a limit,
 truncated or corrupt image); 501 image output without a VQ tokenizer; 503 (+ Retry-After) not ready,
-queue full or shutting down; 504 timeout.
+queue full or shutting down; 504 timeout. The chat API (serving/chat.py) adds 404 for a model id
+that is not served, and refuses http(s) image URLs unless `fetch_image_urls` is on.
 """
 
 from __future__ import annotations
@@ -14,13 +15,22 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import http.client
 import io
 import logging
 import math
+import os
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
+from pydantic import BaseModel
 
 from ofa_unified.data.preprocess import (
     ImageDecodeError,
@@ -61,10 +71,17 @@ TASK_ENDPOINTS = {
 # Record fields a client may give on /v1/generate beyond the task's template fields.
 OPTIONAL_FIELDS = {"text_infilling": ("masked_text",)}
 NO_IMAGE_TASKS = ("text_to_image",)
+FETCH_CHUNK = 64 * 1024
+
+
+def needs_image(task: Task | None) -> bool:
+    """Free instructions and every task but text_to_image read an image."""
+    return task is None or task.name not in NO_IMAGE_TASKS
 
 
 class ServingError(Exception):
-    """A refusal with its HTTP status; `limit` names the ServeConfig field that was hit."""
+    """A refusal with its HTTP status; `limit` names the ServeConfig field that was hit, `param` the
+    request field at fault (OpenAI's error body carries it)."""
 
     def __init__(
         self,
@@ -73,10 +90,12 @@ class ServingError(Exception):
         type: str = "invalid_request",
         limit: str | None = None,
         headers: dict[str, str] | None = None,
+        param: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.limit = status, message, type, limit
         self.headers = headers or {}
+        self.param = param
 
 
 def limit_error(
@@ -86,6 +105,25 @@ def limit_error(
     return ServingError(
         status, f"{message} (limit: {limit}, env {ServeConfig.env_name(limit)})", type=type, limit=limit, **kw
     )
+
+
+def _loc(err: dict[str, Any]) -> str:
+    return ".".join(str(x) for x in err.get("loc", ()) if x not in ("body", "query"))
+
+
+def validation_message(errors: list[dict[str, Any]]) -> str:
+    """'field: problem; field: problem' from pydantic errors (no input echo, no internals)."""
+    parts = []
+    for err in errors:
+        loc = _loc(err)
+        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts) or "invalid request"
+
+
+def validation_error(errors: list[dict[str, Any]]) -> ServingError:
+    """A 422 from pydantic errors; `param` is the first error's field."""
+    return ServingError(422, validation_message(errors), param=(_loc(errors[0]) or None) if errors else None)
 
 
 @dataclass
@@ -99,6 +137,7 @@ class ServerState:
     draining: bool = False
     error: str | None = None
     startup_task: asyncio.Task | None = field(default=None, repr=False)
+    started_at: float = field(default_factory=time.time)
 
 
 @dataclass
@@ -147,7 +186,7 @@ class Handlers:
         predictor = engine.predictor
         fields = body.task_fields()
         options = body.options()
-        task = self._task(task_name)
+        task = self.lookup_task(task_name)
         if task is not None and task.output == "codes" and predictor.vq is None:
             raise ServingError(
                 501,
@@ -163,9 +202,8 @@ class Handlers:
         self._check_texts(instruction, fields, candidates)
         self._check_options(task, options)
 
-        needs_image = task is None or task.name not in NO_IMAGE_TASKS
         pil = None
-        if needs_image:
+        if needs_image(task):
             if image is None:
                 raise ServingError(
                     422, f"{task.name if task else 'an instruction'} needs an image ('image' field)"
@@ -190,7 +228,22 @@ class Handlers:
         result = await self._generate(engine, request)
         return await self._outcome(result, pil.size if pil is not None else None, candidates)
 
-    def _task(self, name: str | None) -> Task | None:
+    async def run_task(self, task: str, body: p.GenerationOptions, image: bytes | str | None) -> Outcome:
+        """What a task's own endpoint runs."""
+        return await self.run(task, body, image, candidates=getattr(body, "candidates", None))
+
+    async def generate(self, body: p.GenerateRequest, image: bytes | str | None) -> Outcome:
+        """What /v1/generate runs: a task by name with its fields, or a free instruction."""
+        return await self.run(
+            body.task,
+            body,
+            image,
+            instruction=body.instruction,
+            candidates=body.candidates,
+            check_fields=True,
+        )
+
+    def lookup_task(self, name: str | None) -> Task | None:
         if name is None:
             return None
         try:
@@ -267,6 +320,73 @@ class Handlers:
         if not image:
             raise ServingError(422, "image is empty (0 bytes)")
         return image
+
+    async def image_from_url(self, url: str) -> bytes | str:
+        """An OpenAI `image_url`: a data: URI as it is (`run` decodes it like any upload), an http(s)
+        URL fetched (only with `fetch_image_urls`: the server would reach any host a client names)."""
+        scheme = urllib.parse.urlsplit(url.strip()).scheme.lower()
+        if scheme == "data":
+            return url
+        if scheme not in ("http", "https"):
+            raise ServingError(
+                422,
+                "image_url.url must be a data: URI ('data:image/png;base64,...') or an http(s) URL",
+                type="invalid_image_url",
+                param="messages",
+            )
+        if not self.config.fetch_image_urls:
+            raise limit_error(
+                422,
+                "fetch_image_urls",
+                "this server does not fetch image URLs: send the image as a data: URI, or start the "
+                "server with --fetch-image-urls",
+                type="image_url_fetching_off",
+                param="messages",
+            )
+        return await asyncio.to_thread(self._fetch, url.strip())
+
+    def _fetch(self, url: str) -> bytes:
+        """GET the image within `image_fetch_timeout_s` (in all, not per read) and the upload limit."""
+        cfg = self.config
+        limit, timeout = cfg.max_upload_bytes, cfg.image_fetch_timeout_s
+        host = urllib.parse.urlsplit(url).netloc
+        deadline = time.monotonic() + timeout
+        chunks: list[bytes] = []
+        received = 0
+        try:
+            request = urllib.request.Request(url, headers={"User-Agent": "ofa-unified-serving"})
+            with _URL_OPENER.open(request, timeout=timeout) as response:
+                length = response.headers.get("Content-Length", "")
+                if length.isdigit() and int(length) > limit:
+                    raise limit_error(
+                        413, "max_upload_bytes", f"the image at {host} is {length} bytes; at most {limit}"
+                    )
+                while chunk := response.read(FETCH_CHUNK):
+                    received += len(chunk)
+                    if received > limit:
+                        raise limit_error(
+                            413, "max_upload_bytes", f"the image at {host} is over {limit} bytes"
+                        )
+                    if time.monotonic() > deadline:
+                        raise TimeoutError
+                    chunks.append(chunk)
+        except urllib.error.HTTPError as e:
+            why: Any = f"HTTP {e.code}"
+        except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as e:
+            why = getattr(e, "reason", None) or e  # URLError wraps the socket's error
+        else:
+            return b"".join(chunks)
+        if isinstance(why, TimeoutError):
+            raise limit_error(
+                422,
+                "image_fetch_timeout_s",
+                f"the image at {host} did not arrive within {timeout:g} s",
+                type="image_fetch_failed",
+                param="messages",
+            )
+        raise ServingError(
+            422, f"fetching the image from {host} failed: {why}", type="image_fetch_failed", param="messages"
+        )
 
     def _decode(self, data: bytes) -> Image.Image:
         limit = self.config.max_image_pixels
@@ -358,6 +478,19 @@ class Handlers:
             return Outcome(result, size)
         return Outcome(result, size, await asyncio.to_thread(png_bytes, image), image.size)
 
+    # -- /v1/models --------------------------------------------------------------------------------
+
+    def model_id(self) -> str:
+        """The id clients name the checkpoint by: `model_name`, else the checkpoint directory's name."""
+        return self.config.model_name or Path(self.config.checkpoint).name or "ofa-unified"
+
+    def models(self) -> p.ModelList:
+        try:
+            created = os.path.getmtime(self.config.checkpoint)
+        except OSError:  # an injected predictor (tests) or a vanished directory
+            created = self.state.started_at
+        return p.ModelList(data=[p.ModelCard(id=self.model_id(), created=int(created))])
+
     # -- /v1/tasks ---------------------------------------------------------------------------------
 
     def tasks(self) -> p.TaskList:
@@ -375,11 +508,23 @@ class Handlers:
                     output=spec["output"],
                     labels=list(spec["labels"]) if "labels" in spec else None,
                     template=spec["template"],
-                    needs_image=name not in NO_IMAGE_TASKS,
+                    needs_image=needs_image(get_task(name)),
                     available=spec["output"] != "codes" or has_vq,
                 )
             )
         return p.TaskList(tasks=out)
+
+
+class _HTTPOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow redirects to http(s) only (urllib's own handler would also follow ftp)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+        if urllib.parse.urlsplit(newurl).scheme.lower() not in ("http", "https"):
+            raise urllib.error.HTTPError(newurl, code, "redirect to a non-http(s) URL", headers, fp)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_URL_OPENER = urllib.request.build_opener(_HTTPOnlyRedirects)
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -463,12 +608,34 @@ def image_response(o: Outcome) -> p.ImageOutput:
     )
 
 
+# Predictor result keys that /v1/generate shows beside `result`, or not at all (usage: the chat API).
+_NOT_IN_RESULT = frozenset(
+    ("text", "tokens", "score", "parse_error", "probability", "probabilities", "task")
+    + ("usage", "hit_max_new_tokens")
+)
+
+
 def generate_response(o: Outcome) -> p.GenerateResponse:
-    common = {"text", "tokens", "score", "parse_error", "probability", "probabilities", "task"}
     return p.GenerateResponse(
         **_common(o),
         **_closed(o),
         task=o.result.get("task"),
-        result={k: v for k, v in o.result.items() if k not in common},
+        result={k: v for k, v in o.result.items() if k not in _NOT_IN_RESULT},
         image=base64.b64encode(o.png).decode("ascii") if o.png is not None else None,
     )
+
+
+# Task -> its endpoint's request model and response builder: routes.py mounts them, and the chat API
+# validates and answers a named task exactly as that endpoint does.
+TASK_API: dict[str, tuple[type[p.GenerationOptions], Callable[[Outcome], BaseModel]]] = {
+    "caption": (p.CaptionRequest, caption_response),
+    "vqa": (p.VQARequest, vqa_response),
+    "grounding": (p.GroundingRequest, grounding_response),
+    "grounded_caption": (p.GroundedCaptionRequest, grounded_caption_response),
+    "itm": (p.ITMRequest, itm_response),
+    "detection": (p.DetectionRequest, detection_response),
+    "text_infilling": (p.TextInfillingRequest, text_infilling_response),
+    "image_infilling": (p.ImageInfillingRequest, image_response),
+    "text_to_image": (p.ImageGenerationRequest, image_response),
+    "visual_entailment": (p.VisualEntailmentRequest, visual_entailment_response),
+}

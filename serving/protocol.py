@@ -290,3 +290,181 @@ class ErrorResponse(BaseModel):
 class Status(BaseModel):
     status: str
     detail: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------------
+# OpenAI-compatible chat API (/v1/chat/completions, /v1/models): OpenAI's field names and shapes, so
+# the official clients work unchanged; what OFA adds travels in extension fields (`task` and the
+# task's fields in, `ofa` out).
+
+
+class ImageURL(BaseModel):
+    url: str = Field(
+        description="a data: URI ('data:image/png;base64,...'), or http(s) if the server fetches"
+    )
+    detail: Literal["auto", "low", "high"] | None = Field(None, description="accepted and ignored")
+
+
+class ContentPart(BaseModel):
+    """One part of a message's content: `{"type": "text", "text"}` or `{"type": "image_url", "image_url"}`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "image_url"]
+    text: str | None = None
+    image_url: ImageURL | None = None
+
+    @model_validator(mode="after")
+    def _matches_type(self) -> ContentPart:
+        if self.type == "text" and self.text is None:
+            raise ValueError("a 'text' part needs 'text'")
+        if self.type == "image_url" and self.image_url is None:
+            raise ValueError("an 'image_url' part needs 'image_url': {'url': ...}")
+        return self
+
+
+def _content_schema(schema: dict[str, Any]) -> None:
+    """Document `content` as OpenAI does (a string or a list of parts); validation turns a string
+    into one text part first, so an error names one shape, not every member of a union."""
+    schema["properties"]["content"]["anyOf"].insert(0, {"type": "string"})
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore", json_schema_extra=_content_schema)
+
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: list[ContentPart] | None = Field(None, description="a string, or a list of content parts")
+    name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _string_is_one_text_part(cls, v: Any) -> Any:
+        if v is not None and not isinstance(v, str | list):
+            raise ValueError("content must be a string or a list of content parts")
+        return [{"type": "text", "text": v}] if isinstance(v, str) else v
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = Field(False, description="one more chunk before [DONE], with `usage`")
+
+
+class ChatCompletionRequest(BaseModel):
+    """OpenAI's chat/completions request. Keys not listed here are OFA extension fields (the OpenAI
+    client sends them with `extra_body`): the named `task`'s fields (`candidates`, `box`, `text1`...),
+    and `beam_size`, `top_k`, `mean_image`; they are validated by the task's own request model."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(description="the served model id (GET /v1/models)")
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1, description="= max_new_tokens")
+    max_completion_tokens: int | None = Field(None, ge=1, description="= max_new_tokens")
+    temperature: float | None = Field(
+        None,
+        ge=0,
+        le=2,
+        allow_inf_nan=False,
+        description="unset: the task's decoding (beam search); 0: greedy; > 0: sampling",
+    )
+    top_p: float | None = Field(None, ge=0, le=1, description="samples (nucleus) when set")
+    seed: int | None = Field(None, description="makes sampling reproducible")
+    n: int | None = Field(None, ge=1, description="only 1: one choice per request")
+    stop: str | list[str] | None = Field(
+        None, description="up to 4 strings; the content is cut before the first one the answer holds"
+    )
+    stream: bool | None = Field(None, description="server-sent events; the whole answer in one chunk")
+    stream_options: StreamOptions | None = None
+    user: str | None = Field(None, description="accepted and ignored")
+    task: str | None = Field(
+        None,
+        description="OFA extension: run this task (GET /v1/tasks); the user text fills its text "
+        "field (vqa: question, grounding: text, ...)",
+        examples=["grounding"],
+    )
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, v: str | list[str] | None) -> list[str] | None:
+        stops = [v] if isinstance(v, str) else v
+        if stops is not None and (len(stops) > 4 or not all(stops)):
+            raise ValueError("give at most 4 non-empty stop strings")
+        return stops
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = Field(description="encoder positions the model read: text tokens + image patches")
+    completion_tokens: int = Field(description="tokens the model wrote (eos not counted)")
+    total_tokens: int
+
+
+class ChatCompletion(BaseModel):
+    id: str = Field(description="'chatcmpl-' + the request id (X-Request-ID)")
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    ofa: dict[str, Any] = Field(
+        description="OFA extension: the body the task's own endpoint returns (POST /v1/grounding: box, "
+        "/v1/itm: answer and probabilities, ...); /v1/generate's for a free instruction"
+    )
+
+
+class ChunkDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int = 0
+    delta: ChunkDelta
+    finish_reason: Literal["stop", "length"] | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One server-sent event of a streamed answer; `usage` and `ofa` are null but on the chunks that
+    carry them."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+    ofa: dict[str, Any] | None = Field(None, description="on the chunk that carries finish_reason")
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(description="the checkpoint directory's modification time (Unix seconds)")
+    owned_by: str = "ofa-unified"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class OpenAIError(BaseModel):
+    message: str
+    type: str = Field(description="'invalid_request_error' (4xx) or 'server_error' (5xx)")
+    param: str | None = Field(description="the request field at fault, if one is")
+    code: str | None = Field(description="this server's error type (unknown_task, limit_exceeded, ...)")
+
+
+class OpenAIErrorResponse(BaseModel):
+    error: OpenAIError

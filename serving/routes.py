@@ -2,7 +2,8 @@
 
 Every image endpoint accepts `application/json` (image as base64 or a data: URI) and
 `multipart/form-data` (image as a file), so the body is read by hand and documented through
-`openapi_extra`; the logic lives in handlers.py.
+`openapi_extra`; the logic lives in handlers.py. The OpenAI-compatible routes (/v1/chat/completions,
+/v1/models) take JSON only, as OpenAI's API does; their logic lives in chat.py.
 """
 
 from __future__ import annotations
@@ -11,15 +12,16 @@ import copy
 import json
 import types
 import typing
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, Literal
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 
+from serving import chat
 from serving import handlers as h
 from serving import protocol as p
 
@@ -45,16 +47,6 @@ def _handlers(request: Request) -> h.Handlers:
 
 # ---------------------------------------------------------------------------------------------------
 # Body parsing
-
-
-def validation_message(errors: list[dict[str, Any]]) -> str:
-    """'field: problem; field: problem' from pydantic errors (no input echo, no internals)."""
-    parts = []
-    for err in errors:
-        loc = ".".join(str(x) for x in err.get("loc", ()) if x not in ("body", "query"))
-        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
-        parts.append(f"{loc}: {msg}" if loc else msg)
-    return "; ".join(parts) or "invalid request"
 
 
 def _kind(annotation: Any) -> str:
@@ -117,7 +109,7 @@ async def read_body(request: Request, model: type[BaseModel]) -> tuple[Any, byte
         try:
             return model.model_validate(data), image
         except ValidationError as e:
-            raise h.ServingError(422, validation_message(e.errors())) from None
+            raise h.validation_error(e.errors()) from None
     if ctype == "application/json" or ctype.endswith("+json"):
         raw = await request.body()
         if not raw.strip():
@@ -125,7 +117,7 @@ async def read_body(request: Request, model: type[BaseModel]) -> tuple[Any, byte
         try:
             body = model.model_validate_json(raw)
         except ValidationError as e:
-            raise h.ServingError(422, validation_message(e.errors())) from None
+            raise h.validation_error(e.errors()) from None
         return body, getattr(body, "image", None)
     raise h.ServingError(
         415,
@@ -160,17 +152,13 @@ def png_response(o: h.Outcome) -> Response:
     return Response(o.png, media_type="image/png", headers=headers)
 
 
-def _task_route(
-    path: str,
-    task: str,
-    model: type[p.GenerationOptions],
-    build: Callable[[h.Outcome], BaseModel],
-    summary: str,
-    image_output: bool = False,
-) -> None:
+def _task_route(task: str, summary: str, image_output: bool = False) -> None:
+    path = h.TASK_ENDPOINTS[task]
+    model, build = h.TASK_API[task]
+
     async def run(request: Request) -> h.Outcome:
         body, image = await read_body(request, model)
-        return await _handlers(request).run(task, body, image, candidates=getattr(body, "candidates", None))
+        return await _handlers(request).run_task(task, body, image)
 
     endpoint: Callable[..., Awaitable[Any]]
     if image_output:
@@ -202,50 +190,16 @@ def _task_route(
     )
 
 
-_task_route("/v1/caption", "caption", p.CaptionRequest, h.caption_response, "Caption the image")
-_task_route("/v1/vqa", "vqa", p.VQARequest, h.vqa_response, "Answer a question about the image")
-_task_route(
-    "/v1/grounding", "grounding", p.GroundingRequest, h.grounding_response, "Find the region a text describes"
-)
-_task_route(
-    "/v1/grounded-caption",
-    "grounded_caption",
-    p.GroundedCaptionRequest,
-    h.grounded_caption_response,
-    "Describe a region of the image",
-)
-_task_route("/v1/itm", "itm", p.ITMRequest, h.itm_response, "Does the text match the image? (yes/no)")
-_task_route("/v1/detection", "detection", p.DetectionRequest, h.detection_response, "Detect the objects")
-_task_route(
-    "/v1/text-infilling",
-    "text_infilling",
-    p.TextInfillingRequest,
-    h.text_infilling_response,
-    "Fill in <mask> spans",
-)
-_task_route(
-    "/v1/image-infilling",
-    "image_infilling",
-    p.ImageInfillingRequest,
-    h.image_response,
-    "Redraw the middle of the image",
-    image_output=True,
-)
-_task_route(
-    "/v1/image-generation",
-    "text_to_image",
-    p.ImageGenerationRequest,
-    h.image_response,
-    "Draw an image from a caption",
-    image_output=True,
-)
-_task_route(
-    "/v1/visual-entailment",
-    "visual_entailment",
-    p.VisualEntailmentRequest,
-    h.visual_entailment_response,
-    "Does the image and text1 imply text2? (yes/no/maybe)",
-)
+_task_route("caption", "Caption the image")
+_task_route("vqa", "Answer a question about the image")
+_task_route("grounding", "Find the region a text describes")
+_task_route("grounded_caption", "Describe a region of the image")
+_task_route("itm", "Does the text match the image? (yes/no)")
+_task_route("detection", "Detect the objects")
+_task_route("text_infilling", "Fill in <mask> spans")
+_task_route("image_infilling", "Redraw the middle of the image", image_output=True)
+_task_route("text_to_image", "Draw an image from a caption", image_output=True)
+_task_route("visual_entailment", "Does the image and text1 imply text2? (yes/no/maybe)")
 
 
 @router.post(
@@ -258,16 +212,77 @@ _task_route(
 async def generate(request: Request) -> p.GenerateResponse:
     """Any task by name with its fields, or a free instruction; `candidates` switches on trie decoding."""
     body, image = await read_body(request, p.GenerateRequest)
-    outcome = await _handlers(request).run(
-        body.task, body, image, instruction=body.instruction, candidates=body.candidates, check_fields=True
-    )
-    return h.generate_response(outcome)
+    return h.generate_response(await _handlers(request).generate(body, image))
 
 
 @router.get("/v1/tasks", response_model=p.TaskList, tags=["generate"])
 async def tasks(request: Request) -> p.TaskList:
     """Every task, its fields (from instructions/templates.json) and its endpoint."""
     return _handlers(request).tasks()
+
+
+# ---------------------------------------------------------------------------------------------------
+# OpenAI-compatible chat API
+
+OPENAI_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {**info, "model": p.OpenAIErrorResponse}
+    for status, info in {
+        **IMAGE_ERRORS,
+        404: {"description": "the model id is not served here (GET /v1/models)"},
+    }.items()
+}
+
+
+def sse(events: list[p.ChatCompletionChunk]) -> Iterator[str]:
+    """Server-sent events as OpenAI frames them: one `data:` line per chunk, then `data: [DONE]`."""
+    for event in events:
+        yield f"data: {event.model_dump_json()}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+@router.post(
+    "/v1/chat/completions",
+    response_model=p.ChatCompletion,
+    responses={
+        **OPENAI_ERRORS,
+        200: {"content": {"text/event-stream": {"description": "with stream: chat.completion.chunk events"}}},
+    },
+    tags=["openai"],
+)
+async def chat_completions(request: Request, body: p.ChatCompletionRequest) -> Any:
+    """OpenAI's chat completions, for the official clients unchanged. **Single turn**: the model
+    answers the last user message (its text is the instruction) about exactly one image, an
+    `image_url` part holding a data: URI (http(s) URLs only when the server runs with
+    `fetch_image_urls`); an image-less request runs only for a task that reads none (text_to_image).
+    System messages are ignored; earlier user or assistant turns are refused.
+
+    Extension fields (`extra_body` in the OpenAI client): `task` (GET /v1/tasks; the user text fills
+    its text field: vqa's question, grounding's text, ...), the task's other fields (`candidates`,
+    `box`, `text1`, ...) and `beam_size`, `top_k`, `mean_image`. The response's `ofa` field is the
+    body the task's own endpoint returns (without `task`: /v1/generate's for the free instruction);
+    `content` is the decoded output text.
+
+    `temperature` unset: the task's decoding (beam search); 0: greedy; > 0 or `top_p`: sampling.
+    `n` must be 1; `stop` cuts the content after decoding. `stream: true` answers as server-sent
+    events once the whole answer is ready: a role chunk, one content chunk, a chunk with
+    finish_reason (and `ofa`), a usage chunk with `stream_options.include_usage`, `data: [DONE]`.
+    Errors use OpenAI's body `{"error": {"message", "type", "param", "code"}}`.
+    """
+    completion = await chat.complete(_handlers(request), body)
+    if not body.stream:
+        return completion
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
+    return StreamingResponse(
+        sse(chat.chunks(completion, include_usage)),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache"},
+    )
+
+
+@router.get("/v1/models", response_model=p.ModelList, tags=["openai"])
+async def models(request: Request) -> p.ModelList:
+    """The served checkpoint, in OpenAI's list format (its id is what chat requests name as `model`)."""
+    return _handlers(request).models()
 
 
 # ---------------------------------------------------------------------------------------------------
