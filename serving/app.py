@@ -29,6 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ofa_unified.inference import Request as PredictRequest
 from serving.config import ServeConfig, resolve_device
+from serving.demo import router as demo_router
 from serving.engine import BatchingEngine, PredictorLike
 from serving.handlers import Handlers, ServerState, ServingError, limit_error, validation_error
 from serving.routes import router
@@ -87,6 +88,7 @@ def build_app(config: ServeConfig | None = None, predictor: PredictorLike | None
     app.state.serving = state
     app.state.handlers = Handlers(state)
     app.include_router(router)
+    app.include_router(demo_router)
     app.add_exception_handler(ServingError, _serving_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
