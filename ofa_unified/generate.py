@@ -11,12 +11,17 @@ the final eos (fairseq's normalisation), in all three modes, so greedy equals be
 beam token for token and score; `length_penalty=0` gives the plain sum (`Hypothesis.logprob`). The
 log-probs are the model's (temperature 1, before top-k/top-p), so a score means the same thing
 whichever way the tokens were chosen.
+
+Step by step. `Decoding` runs one search as an iterator of `Step`s, one per decoder call, so a caller
+can hand greedy or sampled tokens on as they are chosen (the server streams them) and drop samples
+whose reader went away (`Decoding.cancel`); `generate` is that iterator run to its end. Beam search
+yields steps without tokens: a beam's best hypothesis is known only when the search ends.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -299,6 +304,69 @@ def _check_prefix(prefix: Sequence[Sequence[int]] | None, batch: int) -> list[li
     return prefix
 
 
+@dataclass
+class Step:
+    """What one decoding step chose. Slots number the outputs: `sample * per_sample + draw` (the
+    sample itself for greedy). `slots`/`tokens`: the token each slot appended, eos and forced prefix
+    tokens left out; `ended`: the slots that wrote eos. Beam search's steps carry neither."""
+
+    slots: torch.Tensor
+    tokens: torch.Tensor
+    ended: list[int]
+
+    def pairs(self) -> list[tuple[int, int]]:
+        """(slot, token) for each token appended this step."""
+        return list(zip(self.slots.tolist(), self.tokens.tolist(), strict=True))
+
+
+_NO_STEP_TOKENS = torch.zeros(0, dtype=torch.long)
+
+
+class Decoding:
+    """One search (as `generate` would run it) as an iterator of `Step`s; `results` is set, as
+    `generate` returns it, once the iterator is exhausted. Iterate once."""
+
+    def __init__(
+        self,
+        model,
+        enc,
+        config: GenerationConfig | None = None,
+        constraints: ConstraintArg = None,
+        prefix: Sequence[Sequence[int]] | None = None,
+    ) -> None:
+        self.config = config = config or GenerationConfig()
+        self.beam = not config.do_sample and config.beam_size > 1
+        self.per_sample = config.beam_size if config.do_sample else 1
+        self.results: list[list[Hypothesis]] | None = None
+        self._cancelled: set[int] = set()
+        search = _beam_steps if self.beam else _sample_or_greedy_steps
+        self._steps = self._collect(search(model, enc, config, constraints, prefix, self._cancelled))
+
+    @property
+    def streams(self) -> bool:
+        """Whether each step's tokens are the final answer's: greedy, or one sample per sample."""
+        return not self.beam and self.per_sample == 1
+
+    def _collect(self, steps: Generator[Step, None, list[list[Hypothesis]]]) -> Iterator[Step]:
+        self.results = yield from steps
+
+    def __iter__(self) -> Iterator[Step]:
+        return self._steps
+
+    def cancel(self, samples: Collection[int]) -> None:
+        """Stop decoding these samples (their reader is gone) from the next step on; their results
+        are empty lists. The other samples decode as before, except that with sampling their later
+        draws change (the batch shares one random generator)."""
+        self._cancelled.update(samples)
+
+    def run(self) -> list[list[Hypothesis]]:
+        """Decode to the end (what steps are left) and return the results."""
+        for _ in self._steps:
+            pass
+        assert self.results is not None
+        return self.results
+
+
 def generate(
     model,
     enc,
@@ -310,11 +378,9 @@ def generate(
     `do_sample`; beam search when `beam_size > 1`; sampling when `do_sample`. `constraints`: one for
     all samples or one (or None) per sample. `prefix`: per-sample tokens forced after bos (OFA's
     prev_output prompt), ragged allowed, neither scored nor returned. Returns per sample the
-    hypotheses best first: `beam_size` of them (fewer if a constraint allows fewer), one for greedy."""
-    config = config or GenerationConfig()
-    if config.do_sample or config.beam_size == 1:
-        return _sample_or_greedy(model, enc, config, constraints, prefix)
-    return _beam_search(model, enc, config, constraints, prefix)
+    hypotheses best first: `beam_size` of them (fewer if a constraint allows fewer), one for greedy.
+    `Decoding` runs the same search step by step."""
+    return Decoding(model, enc, config, constraints, prefix).run()
 
 
 def _filter_top_k_top_p(scores: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -330,7 +396,9 @@ def _filter_top_k_top_p(scores: torch.Tensor, top_k: int, top_p: float) -> torch
 
 
 @torch.no_grad()
-def _sample_or_greedy(model, enc, config, constraints, prefix) -> list[list[Hypothesis]]:
+def _sample_or_greedy_steps(
+    model, enc, config, constraints, prefix, cancelled: set[int]
+) -> Generator[Step, None, list[list[Hypothesis]]]:
     per_sample = config.beam_size if config.do_sample else 1
     rows = _Rows(model, enc, config, constraints, prefix, per_sample)
     generator = None
@@ -349,20 +417,42 @@ def _sample_or_greedy(model, enc, config, constraints, prefix) -> list[list[Hypo
             tokens = lprobs.argmax(dim=1)
         picked = lprobs.gather(1, tokens[:, None]).squeeze(1)
         done = tokens == EOS
-        for r in done.nonzero().squeeze(1).tolist():
+        ended = done.nonzero().squeeze(1).tolist()
+        for r in ended:
             out[int(origin[r])] = rows.hypothesis(r, history[r], float(picked[r]))
-        keep = (~done).nonzero().squeeze(1)
+        written = ~done & (rows.generated_len() >= 0)  # not eos, not a forced prefix token
+        yield Step(origin[written], tokens[written], origin[ended].tolist())
+        live = ~done
+        if cancelled:
+            gone = torch.tensor(sorted(cancelled), device=rows.device)
+            live &= ~torch.isin(rows.sample, gone)
+        keep = live.nonzero().squeeze(1)
         if len(keep) == 0:
             break
         history = torch.cat([history[keep], picked[keep, None]], dim=1)
         origin = origin[keep]
         rows.advance(keep, tokens[keep])
-    hyps = [h for h in out if h is not None]  # every row ends with eos, so none is None
-    return [sorted(hyps[b : b + per_sample], key=lambda h: -h.score) for b in range(0, len(hyps), per_sample)]
+    # Every row ends with eos unless its sample was cancelled (its result is then empty).
+    return [
+        [] if b in cancelled else sorted(out[b * per_sample : (b + 1) * per_sample], key=lambda h: -h.score)
+        for b in range(len(out) // per_sample)
+    ]
+
+
+def _beam_search(model, enc, config, constraints, prefix) -> list[list[Hypothesis]]:
+    """Beam search to its end (what `generate` runs for `beam_size > 1`, whatever `do_sample`)."""
+    steps = _beam_steps(model, enc, config, constraints, prefix, set())
+    while True:
+        try:
+            next(steps)
+        except StopIteration as end:
+            return end.value
 
 
 @torch.no_grad()
-def _beam_search(model, enc, config, constraints, prefix) -> list[list[Hypothesis]]:
+def _beam_steps(
+    model, enc, config, constraints, prefix, cancelled: set[int]
+) -> Generator[Step, None, list[list[Hypothesis]]]:
     """Beam search over B*K rows. Like fairseq/HF: each step takes the top 2K (beam, token) pairs of
     a sample; eos pairs ranked within the top K finish a hypothesis, the best K others stay live. A
     sample stops once it has K finished hypotheses and its best live beam, scored as if it ended
@@ -402,6 +492,9 @@ def _beam_search(model, enc, config, constraints, prefix) -> list[list[Hypothesi
         best_live = beam_scores[:, 0] / length**lp
         worst = best_finished[:, -1]  # -inf until K hypotheses have finished
         done = ~torch.isfinite(best_live) | (torch.isfinite(worst) & (best_live <= worst))
+        yield Step(_NO_STEP_TOKENS, _NO_STEP_TOKENS, [])
+        if cancelled:
+            done |= torch.isin(samples, torch.tensor(sorted(cancelled), device=device))
         keep = (~done).nonzero().squeeze(1)
         if len(keep) == 0:
             break
@@ -411,7 +504,9 @@ def _beam_search(model, enc, config, constraints, prefix) -> list[list[Hypothesi
         history = torch.cat([history[keep_rows], picked[:, None]], dim=1)
         beam_scores, samples, best_finished = beam_scores[keep], samples[keep], best_finished[keep]
         rows.advance(keep_rows, next_tokens)
-    return [sorted(hyps, key=lambda h: -h.score)[:k] for hyps in finished]
+    return [
+        [] if b in cancelled else sorted(hyps, key=lambda h: -h.score)[:k] for b, hyps in enumerate(finished)
+    ]
 
 
 @torch.no_grad()

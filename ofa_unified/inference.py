@@ -2,22 +2,26 @@
 
 The predict CLI, `train/evaluate.py` and the server all go through `Predictor.predict`, so a
 task is built, constrained and parsed the same way everywhere. Requests that share decoding
-settings run as one batched `generate` over one encoder pass.
+settings run as one batched `generate` over one encoder pass. A request may carry a
+`TokenListener`: it receives the request's tokens as they are decoded (greedy, or one sample) and
+can take the request out of its batch mid-way (the server streams answers and drops the rows of
+clients that went away).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from PIL import Image
 
 from ofa_unified.checkpoint import load_checkpoint
 from ofa_unified.data.preprocess import ImageTransform
-from ofa_unified.generate import GenerationConfig, Hypothesis, generate, score_candidates
+from ofa_unified.generate import Decoding, GenerationConfig, Hypothesis, score_candidates
 from ofa_unified.model import PAD_ID, OFAModel
 from ofa_unified.tasks import (
     ParseError,
@@ -35,6 +39,19 @@ VQ_DIR = "vq"  # a VQ tokenizer bundled inside the checkpoint directory enables 
 FREE_DEFAULTS = {"beam_size": 5, "max_new_tokens": 32, "no_repeat_ngram_size": 3}
 
 
+class TokenListener(Protocol):
+    """Follows one request through decoding, on the thread that runs the model. With `streaming`,
+    `tokens` gets each step's new token ids and the answer's `text` so far (read as the result's
+    `text` is), when the decoding streams: greedy, or one sample (beam search's answer is known only
+    at its end, so it sends none). `cancelled` turning true takes the request out of its batch at
+    the next step; its result is then `{"task", "cancelled": True}`."""
+
+    cancelled: bool
+    streaming: bool
+
+    def tokens(self, ids: list[int], text: str) -> None: ...
+
+
 @dataclass
 class Request:
     image: Image.Image | None
@@ -43,6 +60,7 @@ class Request:
     instruction: str | None = None
     candidates: list[str] | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    listener: TokenListener | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -202,11 +220,48 @@ class Predictor:
         prefix = None
         if self.model.config.prompt_type == "prev_output":
             prefix = [p.source_ids[1:-1] for p in batch]
-        hyps = generate(self.model, enc, batch[0].config, [p.constraint for p in batch], prefix)
+        decoding = Decoding(self.model, enc, batch[0].config, [p.constraint for p in batch], prefix)
+        follow = any(p.request.listener is not None for p in batch)
+        hyps = self._follow(decoding, batch) if follow else decoding.run()
         seen = (~enc.padding_mask).sum(dim=1).tolist()  # text tokens + image patches per request
-        out = [self._result(p, h, n) for p, h, n in zip(batch, hyps, seen, strict=True)]
+        out = [
+            self._result(p, h, n) if h else {"task": p.request.task, "cancelled": True}
+            for p, h, n in zip(batch, hyps, seen, strict=True)
+        ]
         self._add_probabilities(batch, enc, out)
         return out
+
+    def _follow(self, decoding: Decoding, batch: list[_Prepared]) -> list[list[Hypothesis]]:
+        """Decode step by step: a streaming listener gets its request's new tokens and text (when the
+        search streams), and a request whose listener is cancelled leaves the batch."""
+        waiting = {i: p.request.listener for i, p in enumerate(batch) if p.request.listener is not None}
+        written: dict[int, list[int]] = {i: [] for i in waiting}
+        for step in decoding:
+            if decoding.streams:
+                for slot, token in step.pairs():
+                    listener = waiting.get(slot)
+                    if listener is not None and listener.streaming and not listener.cancelled:
+                        written[slot].append(token)
+                        listener.tokens([token], self._text(batch[slot], written[slot]))
+            gone = [i for i, listener in waiting.items() if listener.cancelled]
+            if gone:
+                decoding.cancel(gone)
+                for i in gone:
+                    del waiting[i]
+        assert decoding.results is not None
+        return decoding.results
+
+    def _text(self, p: _Prepared, tokens: list[int]) -> str:
+        """The `text` that `_result` gives these tokens: the parser's text where it reads one
+        (captions, free instructions: subwords only, single-spaced), else the decoded tokens."""
+        if p.candidates is None:
+            with contextlib.suppress(ParseError):
+                if p.task is None:
+                    return parse_free(tokens, self.vocab, p.size)["text"]
+                parsed = p.task.parse(tokens, self.vocab, p.size, p.record)
+                if "text" in parsed:
+                    return parsed["text"]
+        return self.vocab.decode(tokens)
 
     def _result(self, p: _Prepared, hyps: list[Hypothesis], prompt_tokens: int) -> dict:
         """The best hypothesis, parsed; an image task's picture is decoded from it, or with
@@ -248,7 +303,8 @@ class Predictor:
         rows = [
             i
             for i, p in enumerate(batch)
-            if "parse_error" not in out[i] and (p.candidates is not None or (p.task and p.task.labels))
+            if not {"parse_error", "cancelled"} & set(out[i])
+            and (p.candidates is not None or (p.task and p.task.labels))
         ]
         if not rows:
             return

@@ -6,11 +6,16 @@ The model answers one instruction about one image, so a conversation is refused 
 flattened: system (and developer) messages are ignored, any other turn before the last user message
 is an error. Sampling maps as: temperature unset = the task's decoding (beam search), 0 = greedy,
 > 0 (or top_p) = one sample (image tasks keep their sample count, which `mean_image` averages).
+
+Streaming sends a content chunk per text delta as the tokens are decoded (greedy or one sample);
+beam search and several samples know their answer only at the end, so it comes as one chunk then.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import AsyncGenerator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +24,7 @@ from pydantic import BaseModel, ValidationError
 from ofa_unified.tasks import Task, text_field
 from serving import handlers as h
 from serving import protocol as p
+from serving.streaming import cut_at_stop
 from serving.telemetry import request_id_var
 
 # Extension keys that OpenAI spells otherwise, or that the chat shape carries elsewhere.
@@ -150,8 +156,29 @@ def _validate(model: type[BaseModel], data: dict[str, Any]) -> BaseModel:
         raise h.validation_error(e.errors()) from None
 
 
-async def complete(handlers: h.Handlers, body: p.ChatCompletionRequest) -> p.ChatCompletion:
-    """Validate, fetch or decode the image, run, and shape the answer."""
+@dataclass
+class Call:
+    """A chat request admitted by the handlers, with what shapes its answer."""
+
+    admitted: h.Admitted
+    respond: Callable[[h.Outcome], BaseModel]  # the endpoint's response builder: the `ofa` body
+    model: str
+    token_param: str  # the field that set max_new_tokens, for errors naming that limit
+
+
+@contextlib.contextmanager
+def _params(token_param: str) -> Iterator[None]:
+    """Name the chat field at fault in an error that names a server limit."""
+    try:
+        yield
+    except h.ServingError as e:
+        if e.param is None and e.limit is not None:
+            e.param = token_param if e.limit == "max_new_tokens" else LIMIT_PARAMS.get(e.limit)
+        raise
+
+
+async def admit(handlers: h.Handlers, body: p.ChatCompletionRequest) -> Call:
+    """Validate, fetch or decode the image, and pass the handlers' checks."""
     served = handlers.model_id()
     if body.model != served:
         raise h.ServingError(
@@ -182,33 +209,71 @@ async def complete(handlers: h.Handlers, body: p.ChatCompletionRequest) -> p.Cha
     if not h.needs_image(task) and turn.image_url is not None:
         raise h.ServingError(422, f"task {task.name} takes no image; leave it out", param="messages")
     token_param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
-    try:
+    with _params(token_param):
         image = await handlers.image_from_url(turn.image_url) if turn.image_url else None
         if task is not None and task.name in h.TASK_API:
-            outcome = await handlers.run_task(task.name, request, image)
-            answer = h.TASK_API[task.name][1](outcome)
+            admitted = await handlers.admit_task(task.name, request, image)
+            respond = h.TASK_API[task.name][1]
         else:
-            outcome = await handlers.generate(request, image)
-            answer = h.generate_response(outcome)
-    except h.ServingError as e:
-        if e.param is None and e.limit is not None:
-            e.param = token_param if e.limit == "max_new_tokens" else LIMIT_PARAMS.get(e.limit)
-        raise
-    return completion(outcome, answer, served, body.stop)
+            admitted = await handlers.admit_generate(request, image)
+            respond = h.generate_response
+    return Call(admitted, respond, served, token_param)
+
+
+async def complete(handlers: h.Handlers, body: p.ChatCompletionRequest) -> p.ChatCompletion:
+    """Validate, fetch or decode the image, run, and shape the answer."""
+    call = await admit(handlers, body)
+    with _params(call.token_param):
+        outcome = await handlers.answer(call.admitted)
+    return completion(outcome, call.respond(outcome), call.model, body.stop)
+
+
+async def stream(
+    handlers: h.Handlers, body: p.ChatCompletionRequest
+) -> AsyncGenerator[p.ChatCompletionChunk, None]:
+    """`complete` as OpenAI's stream. Refusals, and errors before the first token, raise here (an
+    ordinary error response); the chunks come from iterating the returned iterator."""
+    call = await admit(handlers, body)
+    with _params(call.token_param):
+        results = await handlers.stream(call.admitted)
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
+    head = {"id": completion_id(), "created": int(time.time()), "model": call.model}
+    return _chunks(call, results, head, body.stop, include_usage)
+
+
+async def _chunks(
+    call: Call, results: h.ResultStream, head: dict[str, Any], stop: list[str] | None, include_usage: bool
+) -> AsyncGenerator[p.ChatCompletionChunk, None]:
+    """Role chunk, a content chunk per text delta, then `closing_chunks`."""
+    try:
+        yield p.ChatCompletionChunk(
+            **head, choices=[p.ChunkChoice(delta=p.ChunkDelta(role="assistant", content=""))]
+        )
+        with _params(call.token_param):
+            async for delta in results.text(stop or ()):
+                yield p.ChatCompletionChunk(
+                    **head, choices=[p.ChunkChoice(delta=p.ChunkDelta(content=delta))]
+                )
+    finally:
+        results.close()
+    assert results.outcome is not None
+    finished = completion(results.outcome, call.respond(results.outcome), call.model, stop)
+    for chunk in closing_chunks(finished.model_copy(update=head), include_usage):
+        yield chunk
+
+
+def completion_id() -> str:
+    return f"chatcmpl-{request_id_var.get() or 'unknown'}"
 
 
 def completion(outcome: h.Outcome, answer: BaseModel, model: str, stop: list[str] | None) -> p.ChatCompletion:
     """`content` is the decoded output (the endpoints' `text`), cut before the first stop string."""
-    content = outcome.result.get("text", "")
-    cuts = [i for s in stop or () if (i := content.find(s)) >= 0]
-    stopped = bool(cuts)
-    if stopped:
-        content = content[: min(cuts)]
+    content, stopped = cut_at_stop(outcome.result.get("text", ""), stop or ())
     usage = outcome.result.get("usage", {})
     prompt, written = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
     length = outcome.result.get("hit_max_new_tokens", False) and not stopped
     return p.ChatCompletion(
-        id=f"chatcmpl-{request_id_var.get() or 'unknown'}",
+        id=completion_id(),
         created=int(time.time()),
         model=model,
         choices=[
@@ -221,23 +286,16 @@ def completion(outcome: h.Outcome, answer: BaseModel, model: str, stop: list[str
     )
 
 
-def chunks(c: p.ChatCompletion, include_usage: bool) -> list[p.ChatCompletionChunk]:
-    """A finished answer as OpenAI's stream: role, the whole content, finish_reason (with `ofa`),
-    and with `include_usage` a last chunk carrying usage and no choices."""
+def closing_chunks(c: p.ChatCompletion, include_usage: bool) -> list[p.ChatCompletionChunk]:
+    """The chunks after the content: finish_reason (with `ofa`), and with `include_usage` a last
+    chunk carrying usage and no choices."""
     head = {"id": c.id, "created": c.created, "model": c.model}
-    choice = c.choices[0]
     out = [
         p.ChatCompletionChunk(
-            **head, choices=[p.ChunkChoice(delta=p.ChunkDelta(role="assistant", content=""))]
-        ),
-        p.ChatCompletionChunk(
-            **head, choices=[p.ChunkChoice(delta=p.ChunkDelta(content=choice.message.content))]
-        ),
-        p.ChatCompletionChunk(
             **head,
-            choices=[p.ChunkChoice(delta=p.ChunkDelta(), finish_reason=choice.finish_reason)],
+            choices=[p.ChunkChoice(delta=p.ChunkDelta(), finish_reason=c.choices[0].finish_reason)],
             ofa=c.ofa,
-        ),
+        )
     ]
     if include_usage:
         out.append(p.ChatCompletionChunk(**head, choices=[], usage=c.usage))

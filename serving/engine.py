@@ -5,20 +5,25 @@ one `Predictor.predict` call, which already groups requests with equal decoding 
 generate call. The model runs on a single worker thread, so the event loop keeps accepting, queueing
 and answering (health, metrics, 503s) while a batch runs; requests that arrive meanwhile form the next
 batch. A request that times out or whose client goes away leaves the queue; if its batch is already
-running, its result is dropped. A batch that raises is retried one request at a time, so one bad
-request fails alone.
+running, its row leaves the batch at the next decoding step (the batch ends early if nothing is
+left). A batch that raises is retried one request at a time, so one bad request fails alone (a
+request that has already streamed tokens fails instead: a retry would send them again).
+
+Streaming (`stream`): the request queues, batches and times out like any other; the worker thread
+hands each decoded token to the event loop as it is chosen, and the caller iterates them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from ofa_unified.inference import Request
 from serving.config import ServeConfig
@@ -64,12 +69,80 @@ class EngineClient(Protocol):
 
     async def generate(self, request: Request, timeout: float) -> dict: ...
 
+    def stream(self, request: Request, timeout: float) -> EngineStream: ...
+
+
+class Progress(NamedTuple):
+    """A streaming request's step: the new token ids and the answer's text so far."""
+
+    tokens: list[int]
+    text: str
+
+
+class _Listener:
+    """The engine's `TokenListener` for one request. `tokens` runs on the worker thread and posts
+    progress to the event loop (streaming requests only); the event loop sets `cancelled`."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue | None) -> None:
+        self.cancelled = False
+        self.streaming = queue is not None
+        self.delivered = 0  # tokens handed to the event loop
+        self._loop, self._queue = loop, queue
+
+    def tokens(self, ids: list[int], text: str) -> None:
+        if self._queue is None or self.cancelled:
+            return
+        self.delivered += len(ids)
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody reads them
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, Progress(list(ids), text))
+
+
+_END = object()  # a stream's last event: its future is done
+
 
 @dataclass(eq=False)
 class _Item:
     request: Request
     future: asyncio.Future
+    listener: _Listener
+    events: asyncio.Queue | None = None  # Progress events, then _END (streaming requests)
     enqueued: float = field(default_factory=time.perf_counter)
+
+
+class EngineStream:
+    """A streaming request: `async for progress in stream` yields a `Progress` per decoding step as
+    the model writes (none for beam search, whose answer is known at its end); when the iteration ends,
+    `result` holds the predictor's result, or the iteration raised what `generate` would. The
+    deadline counts from when the request was queued, as `generate`'s timeout does. `close()` when
+    the reader goes away: the request leaves the queue, or its row the running batch."""
+
+    def __init__(self, engine: BatchingEngine, item: _Item, timeout: float) -> None:
+        self._engine, self._item, self._timeout = engine, item, timeout
+        self._deadline = item.enqueued + timeout
+        self.result: dict | None = None
+
+    def __aiter__(self) -> EngineStream:
+        return self
+
+    async def __anext__(self) -> Progress:
+        events = self._item.events
+        assert events is not None
+        if events.empty():
+            try:
+                event = await asyncio.wait_for(events.get(), max(0.0, self._deadline - time.perf_counter()))
+            except asyncio.TimeoutError:
+                self.close()
+                raise EngineTimeoutError(f"no result within {self._timeout:g} s") from None
+        else:
+            event = events.get_nowait()
+        if event is _END:
+            events.put_nowait(_END)  # a later call ends the same way
+            self.result = self._item.future.result()
+            raise StopAsyncIteration
+        return event
+
+    def close(self) -> None:
+        self._engine._give_up(self._item)
 
 
 class BatchingEngine:
@@ -108,25 +181,46 @@ class BatchingEngine:
     async def generate(self, request: Request, timeout: float) -> dict:
         """Queue one request and wait for its result; raises EngineError subclasses or the
         exception the predictor raised for this request (ValueError for bad input)."""
-        if not self._accepting:
-            raise ShuttingDownError("the server is shutting down")
-        if len(self._pending) >= self.max_queue_depth:
-            raise QueueFullError(f"{len(self._pending)} requests are already waiting")
-        item = _Item(request, asyncio.get_running_loop().create_future())
-        self._pending.append(item)
-        self.metrics.queue_depth.set(len(self._pending))
-        self._wakeup.set()
+        item = self._enqueue(request, streaming=False)
         try:
             return await asyncio.wait_for(item.future, timeout)
         except asyncio.TimeoutError:
             raise EngineTimeoutError(f"no result within {timeout:g} s") from None
         finally:
-            # Timed out or the client went away: leave the queue if the batch has not started.
-            if not item.future.done():
-                item.future.cancel()
-            if item in self._pending:
-                self._pending.remove(item)
-                self.metrics.queue_depth.set(len(self._pending))
+            self._give_up(item)  # timed out or the client went away (a no-op once answered)
+
+    def stream(self, request: Request, timeout: float) -> EngineStream:
+        """Queue one request whose tokens are wanted as they are decoded. Refusals (shutting down,
+        queue full) raise here; the rest comes from iterating the stream."""
+        return EngineStream(self, self._enqueue(request, streaming=True), timeout)
+
+    def _enqueue(self, request: Request, streaming: bool) -> _Item:
+        if not self._accepting:
+            raise ShuttingDownError("the server is shutting down")
+        if len(self._pending) >= self.max_queue_depth:
+            raise QueueFullError(f"{len(self._pending)} requests are already waiting")
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue | None = asyncio.Queue() if streaming else None
+        listener = _Listener(loop, events)
+        item = _Item(dataclasses.replace(request, listener=listener), loop.create_future(), listener, events)
+        if events is not None:
+            # Done callbacks run after the tokens the worker posted before finishing: _END comes last.
+            item.future.add_done_callback(lambda _: events.put_nowait(_END))
+        self._pending.append(item)
+        self.metrics.queue_depth.set(len(self._pending))
+        self._wakeup.set()
+        return item
+
+    def _give_up(self, item: _Item) -> None:
+        """The caller stopped waiting: leave the queue, or have the worker drop the request's row."""
+        if item.future.done():
+            return
+        item.future.cancel()
+        item.listener.cancelled = True
+        if item in self._pending:
+            self._pending.remove(item)
+            self.metrics.queue_depth.set(len(self._pending))
+            self.metrics.cancelled.labels("queued").inc()
 
     async def _batch_loop(self) -> None:
         while True:
@@ -163,14 +257,14 @@ class BatchingEngine:
             self.metrics.queue_wait.observe(start - item.enqueued)
         self.metrics.batch_size.observe(len(batch))
         self._running = len(batch)
+        self.metrics.running.set(len(batch))
         try:
-            outcomes = await loop.run_in_executor(
-                self._executor, self._predict_isolated, [item.request for item in batch]
-            )
+            outcomes = await loop.run_in_executor(self._executor, self._predict_isolated, batch)
         except Exception as e:  # the executor itself failed (e.g. shut down): fail the whole batch
             outcomes = [e] * len(batch)
         finally:
             self._running = 0
+            self.metrics.running.set(0)
         self.metrics.batch_latency.observe(time.perf_counter() - start)
         logger.debug("ran batch", extra={"batch_size": len(batch), "seconds": time.perf_counter() - start})
         for item, outcome in zip(batch, outcomes, strict=True):
@@ -178,23 +272,30 @@ class BatchingEngine:
                 if not item.future.done():
                     item.future.set_exception(outcome)
                 continue
+            if outcome.get("cancelled"):  # its row left the batch: nobody waits for it
+                self.metrics.cancelled.labels("decoding").inc()
+                continue
             task = item.request.task or "free"
             self.metrics.generated_tokens.labels(task).inc(len(outcome.get("tokens", ())))
             if not item.future.done():
                 item.future.set_result(outcome)
 
-    def _predict_isolated(self, requests: list[Request]) -> list[dict | BaseException]:
+    def _predict_isolated(self, batch: list[_Item]) -> list[dict | BaseException]:
         """Runs on the worker thread. A failing batch is retried request by request, so the error
-        lands on the request that caused it."""
+        lands on the request that caused it; one that has streamed tokens keeps the batch's error."""
         try:
-            return list(self.predictor.predict(requests))
+            return list(self.predictor.predict([item.request for item in batch]))
         except Exception as e:
-            if len(requests) == 1:
+            if len(batch) == 1:
                 return [e]
+            error = e
         outcomes: list[dict | BaseException] = []
-        for request in requests:
+        for item in batch:
+            if item.listener.delivered:
+                outcomes.append(error)
+                continue
             try:
-                outcomes.append(self.predictor.predict([request])[0])
+                outcomes.append(self.predictor.predict([item.request])[0])
             except Exception as e:
                 outcomes.append(e)
         return outcomes

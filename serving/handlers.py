@@ -8,6 +8,10 @@ instruction, unknown task, missing field, bad box, too many candidates, options 
 truncated or corrupt image); 501 image output without a VQ tokenizer; 503 (+ Retry-After) not ready,
 queue full or shutting down; 504 timeout. The chat API (serving/chat.py) adds 404 for a model id
 that is not served, and refuses http(s) image URLs unless `fetch_image_urls` is on.
+
+A streamed request (`stream`) passes the same checks and the same queue, and is answered with a
+status only once its first token (or, for beam search, its whole answer) is there, so every refusal
+above is still a status; an error after that (a timeout mid-way) ends the stream.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import http.client
 import io
 import logging
@@ -24,7 +29,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,10 +52,13 @@ from serving.config import ServeConfig
 from serving.engine import (
     BatchingEngine,
     EngineClient,
+    EngineStream,
     EngineTimeoutError,
+    Progress,
     QueueFullError,
     ShuttingDownError,
 )
+from serving.streaming import TextDeltas
 from serving.telemetry import ServeMetrics
 
 logger = logging.getLogger("serving.handlers")
@@ -150,6 +158,59 @@ class Outcome:
     png_size: tuple[int, int] | None = None
 
 
+@dataclass
+class Admitted:
+    """A request that passed every check, ready for the engine (`Handlers.answer` or `.stream`)."""
+
+    engine: EngineClient
+    request: Request
+    image_size: tuple[int, int] | None  # of the uploaded image as decoded
+    candidates: list[str] | None
+
+
+class ResultStream:
+    """A streamed request whose first event has arrived. `text()` yields the answer's text as the
+    model writes it; when it ends, `outcome` is what `Handlers.answer` would have returned."""
+
+    def __init__(self, handlers: Handlers, admitted: Admitted, stream: EngineStream) -> None:
+        self._handlers, self._admitted, self._stream = handlers, admitted, stream
+        self._first: Progress | None = None
+        self.outcome: Outcome | None = None
+
+    async def start(self) -> None:
+        """Wait for the first tokens (or the answer); refusals and timeouts raise ServingError."""
+        try:
+            self._first = await self._next()
+        except BaseException:
+            self.close()
+            raise
+
+    async def _next(self) -> Progress | None:
+        with self._handlers.engine_errors():
+            return await anext(self._stream, None)
+
+    async def text(self, stop: Sequence[str] = ()) -> AsyncIterator[str]:
+        """Text deltas (never empty) that add up to the answer's text cut at the first stop string."""
+        deltas = TextDeltas(stop)
+        try:
+            progress = self._first
+            while progress is not None:
+                if delta := deltas.push(progress.text):
+                    yield delta
+                progress = await self._next()
+            a = self._admitted
+            assert self._stream.result is not None
+            self.outcome = await self._handlers._outcome(self._stream.result, a.image_size, a.candidates)
+            if delta := deltas.finish(self.outcome.result.get("text", "")):
+                yield delta
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """The reader is gone (or done): a request still decoding leaves its batch."""
+        self._stream.close()
+
+
 class Handlers:
     """The serving logic over an engine client; one instance per app."""
 
@@ -171,7 +232,7 @@ class Handlers:
 
     # -- the one path every endpoint takes ---------------------------------------------------------
 
-    async def run(
+    async def admit(
         self,
         task_name: str | None,
         body: p.GenerationOptions,
@@ -179,8 +240,8 @@ class Handlers:
         instruction: str | None = None,
         candidates: list[str] | None = None,
         check_fields: bool = False,
-    ) -> Outcome:
-        """Validate, decode, queue and wait. `check_fields` refuses record fields the task does not
+    ) -> Admitted:
+        """Validate and decode the image. `check_fields` refuses record fields the task does not
         take (for /v1/generate, where clients name fields themselves)."""
         engine = self.engine()
         predictor = engine.predictor
@@ -225,16 +286,29 @@ class Handlers:
             raise ServingError(422, str(e)) from None
 
         request = Request(pil, task_name, fields, instruction, candidates, options)
-        result = await self._generate(engine, request)
-        return await self._outcome(result, pil.size if pil is not None else None, candidates)
+        return Admitted(engine, request, pil.size if pil is not None else None, candidates)
 
-    async def run_task(self, task: str, body: p.GenerationOptions, image: bytes | str | None) -> Outcome:
+    async def answer(self, admitted: Admitted) -> Outcome:
+        """Queue and wait for the whole answer."""
+        with self.engine_errors():
+            result = await admitted.engine.generate(admitted.request, self.config.request_timeout_s)
+        return await self._outcome(result, admitted.image_size, admitted.candidates)
+
+    async def stream(self, admitted: Admitted) -> ResultStream:
+        """Queue and wait for the first tokens; the rest comes from the returned stream."""
+        with self.engine_errors():
+            stream = admitted.engine.stream(admitted.request, self.config.request_timeout_s)
+        result = ResultStream(self, admitted, stream)
+        await result.start()
+        return result
+
+    async def admit_task(self, task: str, body: p.GenerationOptions, image: bytes | str | None) -> Admitted:
         """What a task's own endpoint runs."""
-        return await self.run(task, body, image, candidates=getattr(body, "candidates", None))
+        return await self.admit(task, body, image, candidates=getattr(body, "candidates", None))
 
-    async def generate(self, body: p.GenerateRequest, image: bytes | str | None) -> Outcome:
+    async def admit_generate(self, body: p.GenerateRequest, image: bytes | str | None) -> Admitted:
         """What /v1/generate runs: a task by name with its fields, or a free instruction."""
-        return await self.run(
+        return await self.admit(
             body.task,
             body,
             image,
@@ -242,6 +316,12 @@ class Handlers:
             candidates=body.candidates,
             check_fields=True,
         )
+
+    async def run_task(self, task: str, body: p.GenerationOptions, image: bytes | str | None) -> Outcome:
+        return await self.answer(await self.admit_task(task, body, image))
+
+    async def generate(self, body: p.GenerateRequest, image: bytes | str | None) -> Outcome:
+        return await self.answer(await self.admit_generate(body, image))
 
     def lookup_task(self, name: str | None) -> Task | None:
         if name is None:
@@ -442,11 +522,13 @@ class Handlers:
                 422, "max_instruction_tokens", f"the instruction is {n} tokens; at most {limit}"
             )
 
-    async def _generate(self, engine: EngineClient, request: Request) -> dict:
+    @contextlib.contextmanager
+    def engine_errors(self) -> Iterator[None]:
+        """The engine's refusals and the predictor's errors as ServingErrors."""
         cfg = self.config
         retry = {"Retry-After": str(cfg.retry_after_s)}
         try:
-            return await engine.generate(request, cfg.request_timeout_s)
+            yield
         except QueueFullError as e:
             raise limit_error(
                 503,

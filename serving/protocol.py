@@ -158,6 +158,12 @@ class GenerateRequest(ImageRequest):
     candidates: list[str] | None = Field(
         None, description="closed answer set: switches on trie-constrained decoding"
     )
+    stream: bool | None = Field(
+        None,
+        description="answer as server-sent events: a 'delta' event per piece of text as the tokens "
+        "are decoded (greedy or one sample; beam search sends its text in one delta at the end), then "
+        "a 'result' event with the response body, then [DONE]",
+    )
 
     @model_validator(mode="after")
     def _one_of(self) -> GenerateRequest:
@@ -255,6 +261,20 @@ class GenerateResponse(ClosedSetOutput):
         "(free instructions: text, boxes, codes)"
     )
     image: str | None = Field(None, description="base64 PNG when the output is an image")
+
+
+class GenerateDelta(BaseModel):
+    """A streamed /v1/generate event: text the model wrote since the last delta."""
+
+    type: Literal["delta"] = "delta"
+    text: str = Field(description="never empty; the deltas add up to the result's `text`")
+
+
+class GenerateResult(BaseModel):
+    """The last event of a streamed /v1/generate (before [DONE]): the non-streamed response body."""
+
+    type: Literal["result"] = "result"
+    response: GenerateResponse
 
 
 class TaskInfo(BaseModel):
@@ -372,7 +392,11 @@ class ChatCompletionRequest(BaseModel):
     stop: str | list[str] | None = Field(
         None, description="up to 4 strings; the content is cut before the first one the answer holds"
     )
-    stream: bool | None = Field(None, description="server-sent events; the whole answer in one chunk")
+    stream: bool | None = Field(
+        None,
+        description="server-sent events: a content chunk per text delta as the tokens are decoded "
+        "(temperature 0 or > 0); the task's beam search sends its content in one chunk at the end",
+    )
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, description="accepted and ignored")
     task: str | None = Field(

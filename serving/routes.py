@@ -12,7 +12,7 @@ import copy
 import json
 import types
 import typing
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, Literal
 
 from fastapi import APIRouter, Query, Request
@@ -24,6 +24,7 @@ from starlette.datastructures import UploadFile
 from serving import chat
 from serving import handlers as h
 from serving import protocol as p
+from serving.streaming import SSE_DONE, SSE_HEADERS, sse_data
 
 router = APIRouter()
 OutputFormat = Literal["json", "png"]
@@ -202,17 +203,70 @@ _task_route("text_to_image", "Draw an image from a caption", image_output=True)
 _task_route("visual_entailment", "Does the image and text1 imply text2? (yes/no/maybe)")
 
 
+def _error_body(path: str, error: h.ServingError) -> dict[str, Any]:
+    from serving.app import error_body  # app.py imports this module: look it up when needed
+
+    return error_body(path, error)
+
+
+def sse_response(
+    request: Request,
+    events: AsyncGenerator[BaseModel, None],
+    error_event: Callable[[dict[str, Any]], dict[str, Any]] = lambda body: body,
+) -> StreamingResponse:
+    """Server-sent events: one `data:` line of JSON per event, then `data: [DONE]`. An error after
+    the stream started becomes an event (`error_event` of the endpoint's error body) before [DONE];
+    a client that disconnects cancels the iteration, which lets go of the request's decoding."""
+    path = request.url.path
+
+    async def frames() -> AsyncIterator[str]:
+        try:
+            async for event in events:
+                yield sse_data(event.model_dump_json())
+        except h.ServingError as e:
+            yield sse_data(json.dumps(error_event(_error_body(path, e))))
+        finally:
+            await events.aclose()
+        yield SSE_DONE
+
+    return StreamingResponse(frames(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+async def _generate_events(results: h.ResultStream) -> AsyncGenerator[BaseModel, None]:
+    async for text in results.text():
+        yield p.GenerateDelta(text=text)
+    assert results.outcome is not None
+    yield p.GenerateResult(response=h.generate_response(results.outcome))
+
+
 @router.post(
     "/v1/generate",
     response_model=p.GenerateResponse,
-    responses=IMAGE_ERRORS,
+    responses={
+        **IMAGE_ERRORS,
+        200: {"content": {"text/event-stream": {"description": "with stream: delta and result events"}}},
+    },
     openapi_extra=body_doc(p.GenerateRequest),
     tags=["generate"],
 )
-async def generate(request: Request) -> p.GenerateResponse:
-    """Any task by name with its fields, or a free instruction; `candidates` switches on trie decoding."""
+async def generate(request: Request) -> Any:
+    """Any task by name with its fields, or a free instruction; `candidates` switches on trie decoding.
+
+    `stream: true` answers as server-sent events, each a `data:` line of JSON: `{"type": "delta",
+    "text": ...}` for each piece of text as the model writes it, then `{"type": "result",
+    "response": {...}}` with the body the call returns without `stream`, then `data: [DONE]`. The
+    deltas add up to `response.text`. Greedy decoding and single samples stream token by token; beam
+    search (the tasks' default, and a free instruction's) and several samples send their text as one
+    delta at the end. Refusals (4xx, 503, 504 before the first token) are ordinary error responses;
+    an error once the stream has begun is an event `{"type": "error", "error": {...}}` before
+    [DONE]. A client that closes the connection stops its decoding."""
     body, image = await read_body(request, p.GenerateRequest)
-    return h.generate_response(await _handlers(request).generate(body, image))
+    handlers = _handlers(request)
+    admitted = await handlers.admit_generate(body, image)
+    if not body.stream:
+        return h.generate_response(await handlers.answer(admitted))
+    results = await handlers.stream(admitted)
+    return sse_response(request, _generate_events(results), lambda error: {"type": "error", **error})
 
 
 @router.get("/v1/tasks", response_model=p.TaskList, tags=["generate"])
@@ -231,13 +285,6 @@ OPENAI_ERRORS: dict[int | str, dict[str, Any]] = {
         404: {"description": "the model id is not served here (GET /v1/models)"},
     }.items()
 }
-
-
-def sse(events: list[p.ChatCompletionChunk]) -> Iterator[str]:
-    """Server-sent events as OpenAI frames them: one `data:` line per chunk, then `data: [DONE]`."""
-    for event in events:
-        yield f"data: {event.model_dump_json()}\n\n"
-    yield "data: [DONE]\n\n"
 
 
 @router.post(
@@ -263,20 +310,18 @@ async def chat_completions(request: Request, body: p.ChatCompletionRequest) -> A
     `content` is the decoded output text.
 
     `temperature` unset: the task's decoding (beam search); 0: greedy; > 0 or `top_p`: sampling.
-    `n` must be 1; `stop` cuts the content after decoding. `stream: true` answers as server-sent
-    events once the whole answer is ready: a role chunk, one content chunk, a chunk with
-    finish_reason (and `ofa`), a usage chunk with `stream_options.include_usage`, `data: [DONE]`.
-    Errors use OpenAI's body `{"error": {"message", "type", "param", "code"}}`.
+    `n` must be 1; `stop` cuts the content (a streamed one too: text that may begin a stop string
+    waits until it is known not to). `stream: true` answers as server-sent events: a role chunk, a
+    content chunk per text delta as the tokens are decoded, a chunk with finish_reason (and `ofa`),
+    a usage chunk with `stream_options.include_usage`, `data: [DONE]`. Greedy (temperature 0) and
+    sampled (> 0) answers stream token by token; with temperature unset the task's beam search
+    sends its content in one chunk at the end. Refusals come before the stream; an error once it
+    has begun is a `data: {"error": {...}}` event before [DONE]. Closing the connection stops the
+    request's decoding. Errors use OpenAI's body `{"error": {"message", "type", "param", "code"}}`.
     """
-    completion = await chat.complete(_handlers(request), body)
     if not body.stream:
-        return completion
-    include_usage = body.stream_options is not None and body.stream_options.include_usage
-    return StreamingResponse(
-        sse(chat.chunks(completion, include_usage)),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache"},
-    )
+        return await chat.complete(_handlers(request), body)
+    return sse_response(request, await chat.stream(_handlers(request), body))
 
 
 @router.get("/v1/models", response_model=p.ModelList, tags=["openai"])

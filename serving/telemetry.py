@@ -49,6 +49,16 @@ class ServeMetrics:
             registry=r,
         )
         self.queue_depth = Gauge("ofa_queue_depth", "requests waiting for the model", registry=r)
+        self.running = Gauge(
+            "ofa_running_requests", "requests in the batch the model is decoding now", registry=r
+        )
+        self.cancelled = Counter(
+            "ofa_cancelled_requests",
+            "requests given up (client gone, timed out) before their answer, by where they were: "
+            "'queued', or 'decoding' when their row left a running batch",
+            ["stage"],
+            registry=r,
+        )
         self.generated_tokens = Counter(
             "ofa_generated_tokens",
             "tokens generated, by task ('free' for instructions)",

@@ -16,6 +16,7 @@ from ofa_unified.generate import (
     BOS,
     EOS,
     PAD,
+    Decoding,
     GenerationConfig,
     TokenRangeConstraint,
     TrieConstraint,
@@ -298,6 +299,83 @@ def test_top_k_one_and_tiny_top_p_equal_greedy():
     ):
         sampled = generate(model, enc, config, prefix=PREFIX)
         assert [(r[0].tokens, r[0].score) for r in sampled] == [(r[0].tokens, r[0].score) for r in greedy]
+
+
+def results_of(results) -> list[list[tuple]]:
+    return [[(h.tokens, h.score, h.token_logprobs) for h in hyps] for hyps in results]
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        GenerationConfig(max_new_tokens=10),
+        GenerationConfig(max_new_tokens=10, do_sample=True, seed=0),
+        GenerationConfig(max_new_tokens=10, do_sample=True, seed=0, beam_size=2, top_k=6),
+    ],
+    ids=["greedy", "sampling", "two-draws"],
+)
+def test_steps_give_the_tokens_generate_gives(config):
+    """Ragged prefixes (not streamed), samples ending at different steps: every slot's tokens as the
+    steps hand them on are its hypothesis, and the results are generate's bit for bit."""
+    model = FakeModel(seed=0, bias={EOS: 2.0})
+    enc = encoded(model, 3, seed=0)
+    expected = generate(model, enc, config, prefix=PREFIX)
+    decoding = Decoding(model, enc, config, prefix=PREFIX)
+    streamed: dict[int, list[int]] = {}
+    ended: dict[int, int] = {}
+    for i, step in enumerate(decoding):
+        for slot, token in step.pairs():
+            assert slot not in ended
+            streamed.setdefault(slot, []).append(token)
+        ended.update(dict.fromkeys(step.ended, i))
+    assert results_of(decoding.results) == results_of(expected)
+    k = decoding.per_sample
+    assert decoding.streams == (k == 1) and sorted(ended) == list(range(3 * k))
+    assert len(set(ended.values())) > 1, "every sample ended at the same step: pick another model"
+    for b, hyps in enumerate(expected):
+        slots = sorted(streamed.get(b * k + d, []) for d in range(k))
+        assert slots == sorted(h.tokens for h in hyps)
+
+
+def test_cancel_drops_samples_and_ends_the_search_early():
+    model = FakeModel(seed=0, bias={EOS: 2.0})
+    enc = encoded(model, 3, seed=0)
+    config = GenerationConfig(max_new_tokens=10)
+    expected = generate(model, enc, config, prefix=PREFIX)
+    assert len(expected[1][0].tokens) == 10  # sample 1 would run longest
+    full_steps = sum(1 for _ in Decoding(model, enc, config, prefix=PREFIX))
+    decoding = Decoding(model, enc, config, prefix=PREFIX)
+    seen: list[tuple[int, int]] = []
+    steps = 0
+    for step in decoding:
+        steps += 1
+        seen += step.pairs()
+        if any(slot == 1 for slot, _ in step.pairs()):
+            decoding.cancel([1])
+    assert decoding.results[1] == [] and [t for s, t in seen if s == 1] == expected[1][0].tokens[:1]
+    for b in (0, 2):
+        assert decoding.results[b][0].tokens == expected[b][0].tokens
+        assert decoding.results[b][0].score == pytest.approx(expected[b][0].score, abs=1e-5)
+    assert steps < full_steps  # the batch ended when the short samples did
+
+    everyone = Decoding(model, enc, config)
+    steps = 0
+    for _ in everyone:
+        steps += 1
+        everyone.cancel(range(3))
+    assert steps == 1 and everyone.results == [[], [], []]
+
+    beam_config = GenerationConfig(max_new_tokens=6, beam_size=3)
+    beam = Decoding(model, enc, beam_config, prefix=PREFIX)
+    assert not beam.streams
+    for step in beam:
+        assert step.pairs() == [] and step.ended == []
+        beam.cancel([0])
+    beam_expected = generate(model, enc, beam_config, prefix=PREFIX)
+    assert beam.results[0] == []
+    assert [[h.tokens for h in r] for r in beam.results[1:]] == [
+        [h.tokens for h in r] for r in beam_expected[1:]
+    ]
 
 
 def test_top_k_top_p_filter():

@@ -1,6 +1,7 @@
 """The OpenAI-compatible chat API: the official `openai` client, unchanged, against a real
-`python -m serving` process, and in-process TestClient checks of the SSE framing, the single-turn
-rules, the extension fields, image URL fetching and OpenAI's error body."""
+`python -m serving` process (streaming, and a client that leaves mid-stream), and in-process
+TestClient checks of the SSE framing, the single-turn rules, the extension fields, image URL
+fetching and OpenAI's error body."""
 
 from __future__ import annotations
 
@@ -16,18 +17,21 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import openai
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from ofa_unified.inference import Predictor
 from ofa_unified.tasks import instruction_source
-from tests.test_serving import H, W, b64, build_micro_checkpoint, encode, scene, serve
+from tests.test_serving import H, W, b64, build_micro_checkpoint, encode, scene, serve, sse_json
 from tests.test_serving_process import server_process
 
-MAX_NEW_TOKENS = 16  # the server's limit in these tests
+MAX_NEW_TOKENS = 16  # the in-process server's limit in these tests
+PROCESS_MAX_NEW_TOKENS = 256  # the real process's: long enough to leave a stream mid-way
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -52,7 +56,7 @@ def png() -> bytes:
 @pytest.fixture(scope="module")
 def server(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     log = tmp_path_factory.mktemp("openai-log") / "server.log"
-    with server_process(checkpoint, log, "--max-new-tokens", str(MAX_NEW_TOKENS)) as (base, _):
+    with server_process(checkpoint, log, "--max-new-tokens", str(PROCESS_MAX_NEW_TOKENS)) as (base, _):
         yield base
 
 
@@ -98,19 +102,6 @@ def openai_error(response, status: int, param: str | None = None, code: str | No
     return error["message"]
 
 
-def sse_events(response) -> list[dict[str, Any]]:
-    """Parse a text/event-stream body: every `data:` line is JSON until the final `[DONE]`."""
-    assert response.status_code == 200, response.text
-    assert response.headers["content-type"].startswith("text/event-stream")
-    blocks = response.text.split("\n\n")
-    assert blocks[-1] == "" and blocks[-2] == "data: [DONE]", response.text[-200:]
-    events = []
-    for block in blocks[:-2]:
-        assert block.startswith("data: ") and "\n" not in block, block
-        events.append(json.loads(block.removeprefix("data: ")))
-    return events
-
-
 # ---------------------------------------------------------------------------------------------------
 # The official client against a real server process
 
@@ -149,11 +140,53 @@ def test_chat_plain_and_stream_give_the_same_greedy_answer(oai: openai.OpenAI, p
     chunks = list(stream)
     assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
     assert chunks[0].choices[0].delta.role == "assistant"
-    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert content == choice.message.content
+    deltas = [c.choices[0].delta.content for c in chunks[1:] if c.choices and c.choices[0].delta.content]
+    assert "".join(deltas) == choice.message.content
+    assert len(ofa["tokens"]) > 1 and len(deltas) > 1, "greedy tokens not streamed as they came"
     finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert finals == [choice.finish_reason]
     assert chunks[-1].choices == [] and chunks[-1].usage == usage
+
+
+def _process_metrics(http: httpx.Client) -> dict[tuple[str, tuple], float]:
+    out = {}
+    for family in text_string_to_metric_families(http.get("/metrics").text):
+        for s in family.samples:
+            out[s.name, tuple(sorted(s.labels.items()))] = s.value
+    return out
+
+
+def test_leaving_mid_stream_frees_the_slot(server: str, png: bytes) -> None:
+    """A client that closes the connection after the first content chunk: the server drops its row
+    (the batch, alone, ends early), nothing runs any more, and the next request is answered."""
+    body = {
+        "model": "micro",
+        "messages": [user("what does the image describe?", data_uri(png))],
+        "temperature": 0,
+        "max_tokens": PROCESS_MAX_NEW_TOKENS,
+    }
+    dropped = ("ofa_cancelled_requests_total", (("stage", "decoding"),))
+    running = ("ofa_running_requests", ())
+    with httpx.Client(base_url=server, trust_env=False, timeout=60) as http:
+        written = http.post("/v1/chat/completions", json=body).json()["usage"]["completion_tokens"]
+        if written < PROCESS_MAX_NEW_TOKENS // 2:
+            pytest.skip(f"the random model's greedy answer is {written} tokens: too short to leave mid-way")
+        before = _process_metrics(http).get(dropped, 0.0)
+        with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as response:
+            assert response.status_code == 200
+            for line in response.iter_lines():
+                chunk = json.loads(line.removeprefix("data: ")) if line.startswith("data: {") else None
+                if chunk and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                    break  # the first content chunk; leaving the block closes the connection
+        deadline = time.monotonic() + 30
+        while True:
+            metrics = _process_metrics(http)
+            if metrics.get(dropped, 0.0) == before + 1 and metrics[running] == 0:
+                break
+            assert time.monotonic() < deadline, {k: v for k, v in metrics.items() if k[0].startswith("ofa_")}
+            time.sleep(0.05)
+        after = http.post("/v1/chat/completions", json={**body, "max_tokens": 3})
+        assert after.status_code == 200 and after.json()["usage"]["completion_tokens"] <= 3
 
 
 def test_task_in_extra_body(oai: openai.OpenAI, png: bytes) -> None:
@@ -187,7 +220,7 @@ def _truncated_png() -> str:
         (user("what is this?", "IMAGE"), {"n": 2}, 422, "n", "unsupported_parameter", "one choice"),
         (
             user("what is this?", "IMAGE"),
-            {"max_tokens": MAX_NEW_TOKENS + 1},
+            {"max_tokens": PROCESS_MAX_NEW_TOKENS + 1},
             422,
             "max_tokens",
             "limit_exceeded",
@@ -228,23 +261,37 @@ def test_openai_error_bodies(
 
 
 def test_sse_framing(client: TestClient, png: bytes) -> None:
+    """Role chunk, a content chunk per delta as the greedy tokens come, the closing chunk."""
     message = user("what is this?", data_uri(png))
-    events = sse_events(chat(client, message, stream=True, temperature=0, max_tokens=4))
-    assert [e["object"] for e in events] == ["chat.completion.chunk"] * 3
+    events = sse_json(chat(client, message, stream=True, temperature=0, max_tokens=MAX_NEW_TOKENS))
+    assert {e["object"] for e in events} == {"chat.completion.chunk"}
     assert len({e["id"] for e in events}) == 1 and all(e["model"] == "micro" for e in events)
-    role, content, final = (e["choices"][0] for e in events)
+    role, *contents, final = (e["choices"][0] for e in events)
     assert role["delta"] == {"role": "assistant", "content": ""} and role["finish_reason"] is None
-    assert content["finish_reason"] is None and isinstance(content["delta"]["content"], str)
+    assert all(c["finish_reason"] is None and c["delta"]["role"] is None for c in contents)
+    assert all(isinstance(c["delta"]["content"], str) and c["delta"]["content"] for c in contents)
     assert final["delta"] == {"role": None, "content": None} and final["finish_reason"] in ("stop", "length")
-    assert events[2]["ofa"]["text"] == content["delta"]["content"]
-    plain = chat(client, message, temperature=0, max_tokens=4).json()
-    assert plain["choices"][0]["message"]["content"] == content["delta"]["content"]
-
-    with_usage = sse_events(
-        chat(client, message, stream=True, max_tokens=4, stream_options={"include_usage": True})
+    assert all(e["ofa"] is None for e in events[:-1]) and events[-1]["ofa"] is not None
+    plain = chat(client, message, temperature=0, max_tokens=MAX_NEW_TOKENS).json()
+    streamed = "".join(c["delta"]["content"] for c in contents)
+    assert streamed == plain["choices"][0]["message"]["content"] == events[-1]["ofa"]["text"]
+    assert (
+        events[-1]["ofa"] == plain["ofa"] and final["finish_reason"] == plain["choices"][0]["finish_reason"]
     )
-    assert len(with_usage) == 4 and with_usage[-1]["choices"] == []
-    assert with_usage[-1]["usage"]["total_tokens"] == plain["usage"]["total_tokens"]
+    assert len(plain["ofa"]["tokens"]) > 1 and len(contents) > 1, "not streamed token by token"
+
+    sampled = {"temperature": 0.8, "seed": 2, "max_tokens": 8}
+    with_usage = sse_json(
+        chat(client, message, stream=True, stream_options={"include_usage": True}, **sampled)
+    )
+    sampled_plain = chat(client, message, **sampled).json()
+    assert with_usage[-1]["choices"] == [] and with_usage[-1]["usage"] == sampled_plain["usage"]
+    contents = [e["choices"][0]["delta"]["content"] for e in with_usage[1:-2]]
+    assert "".join(contents) == sampled_plain["choices"][0]["message"]["content"] and len(contents) > 1
+    # the task's beam search (temperature unset): the content in one chunk at the end
+    beam = sse_json(chat(client, message, stream=True, max_tokens=4))
+    beam_plain = chat(client, message, max_tokens=4).json()["choices"][0]["message"]["content"]
+    assert [e["choices"][0]["delta"]["content"] for e in beam[1:-1]] == ([beam_plain] if beam_plain else [])
     # an error comes before any event, as a normal JSON error response
     openai_error(chat(client, user("what is this?"), stream=True), 422, "messages")
 
@@ -372,6 +419,9 @@ def test_sampling_and_stop(client: TestClient, png: bytes) -> None:
     stop = text[1:]
     cut = chat(client, message, temperature=0, max_tokens=6, stop=stop).json()["choices"][0]
     assert cut["message"]["content"] == text[: text.find(stop)] and cut["finish_reason"] == "stop"
+    events = sse_json(chat(client, message, temperature=0, max_tokens=6, stop=[stop, "zz"], stream=True))
+    assert "".join(e["choices"][0]["delta"]["content"] or "" for e in events[1:]) == cut["message"]["content"]
+    assert events[-1]["choices"][0]["finish_reason"] == "stop"
 
 
 def test_models_openapi_and_error_shapes(client: TestClient, predictor: Predictor) -> None:

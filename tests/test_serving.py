@@ -30,6 +30,7 @@ from ofa_unified.vocab import Vocab, train_sentencepiece
 from ofa_unified.vq import VQConfig, VQTokenizer
 from serving import ServeConfig, build_app
 from serving.engine import BatchingEngine
+from serving.streaming import TextDeltas, cut_at_stop
 from serving.telemetry import JsonFormatter, ServeMetrics, request_id_var
 
 W, H = 100, 60  # a non-square upload, so a box in the wrong frame shows
@@ -657,6 +658,202 @@ def test_engine_isolates_failures_and_drains_on_stop(predictor: Predictor, png: 
     outcomes = asyncio.run(scenario())
     assert isinstance(outcomes[1], ValueError) and "image" in str(outcomes[1])
     assert all(isinstance(o, dict) and o["answer"] in ("yes", "no") for i, o in enumerate(outcomes) if i != 1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Streaming
+
+GREEDY = {"do_sample": False, "beam_size": 1}
+
+
+def sse_json(response) -> list[dict]:
+    """A text/event-stream body: every `data:` line is JSON until the final `[DONE]`."""
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/event-stream")
+    blocks = response.text.split("\n\n")
+    assert blocks[-1] == "" and blocks[-2] == "data: [DONE]", response.text[-200:]
+    events = []
+    for block in blocks[:-2]:
+        assert block.startswith("data: ") and "\n" not in block, block
+        events.append(json.loads(block.removeprefix("data: ")))
+    return events
+
+
+def streamed(pieces: list[str], stop: tuple[str, ...] = ()) -> list[str]:
+    """The deltas of an answer whose text grows through `pieces` (the last one is the answer)."""
+    deltas = TextDeltas(stop)
+    out = [deltas.push(text) for text in pieces] + [deltas.finish(pieces[-1])]
+    for i in range(len(out)):  # what was sent is always the start of the final content
+        assert cut_at_stop(pieces[-1], stop)[0].startswith("".join(out[: i + 1]))
+    return out
+
+
+def test_text_deltas_hold_back_partial_characters_and_stop_strings() -> None:
+    text = "héllo wörld, 3 € (and ✓)"
+    data = text.encode()
+    out = streamed([data[:i].decode("utf-8", errors="replace") for i in range(1, len(data) + 1)])
+    assert "".join(out) == text and not any("\ufffd" in d for d in out)
+    assert sum(1 for d in out if d) > 10
+    cases = [
+        ("hello world", ("wor",), "hello "),
+        ("hello wax", ("wor",), "hello wax"),
+        ("abcXdef", ("abcX", "c"), ""),  # "c" is found first, but "abcX" starts before it
+        ("a stop", ("stop", "a s"), ""),
+        ("no stop here", ("zz",), "no stop here"),
+    ]
+    for answer, stop, content in cases:
+        out = streamed([answer[:i] for i in range(1, len(answer) + 1)], stop)
+        assert "".join(out) == content, (answer, stop, out)
+
+
+def test_text_deltas_over_sentencepiece_byte_pieces(predictor: Predictor) -> None:
+    """Random ids of the micro vocabulary (byte pieces, subwords, bins, codes): the decoded text of
+    each prefix starts the next, so the deltas add up to the decoded whole."""
+    vocab = predictor.vocab
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        ids = rng.integers(4, len(vocab), size=int(rng.integers(1, 30))).tolist()
+        out = streamed([vocab.decode(ids[: i + 1]) for i in range(len(ids))])
+        assert "".join(out) == vocab.decode(ids)
+
+
+def test_generate_stream_deltas_add_up_to_the_answer(client: TestClient, png: bytes) -> None:
+    for options in (
+        {**GREEDY, "max_new_tokens": 12},
+        {"do_sample": True, "beam_size": 1, "seed": 4, "max_new_tokens": 12},
+    ):
+        body = {"image": b64(png), "instruction": "what does the image describe?", **options}
+        plain = client.post("/v1/generate", json=body).json()
+        events = sse_json(client.post("/v1/generate", json={**body, "stream": True}))
+        *deltas, final = events
+        assert all(set(e) == {"type", "text"} and e["type"] == "delta" and e["text"] for e in deltas)
+        assert "".join(e["text"] for e in deltas) == plain["text"]
+        assert final == {"type": "result", "response": plain}
+        assert len(plain["tokens"]) >= 6 and len(deltas) > 1, "not streamed token by token"
+    # multipart, a task, its beam search: the text comes as one delta at the end
+    form = {"task": "caption", "max_new_tokens": "5", "stream": "true"}
+    *deltas, final = sse_json(client.post("/v1/generate", files=upload(png), data=form))
+    plain = client.post("/v1/generate", files=upload(png), data={**form, "stream": "false"}).json()
+    assert [e["text"] for e in deltas] == ([plain["text"]] if plain["text"] else [])
+    assert final["response"] == plain
+    # refusals come before the stream, as ordinary JSON errors
+    error(client.post("/v1/generate", json={"instruction": "x", "stream": True}), 422)
+    spec = client.get("/openapi.json").json()["paths"]["/v1/generate"]["post"]
+    assert "text/event-stream" in spec["responses"]["200"]["content"] and '"delta"' in spec["description"]
+
+
+def test_generate_stream_keeps_the_queue_limits_and_timeout(predictor: Predictor, png: bytes) -> None:
+    body = {"image": b64(png), "instruction": "describe", "stream": True, **GREEDY}
+    with serve(predictor, max_queue_depth=0) as c:
+        error(c.post("/v1/generate", json=body), 503, "max_queue_depth")
+    gate = Gate(predictor)
+    with serve(gate, request_timeout_s=0.05) as c:
+        gate.delay = 0.3
+        error(c.post("/v1/generate", json=body), 504, "request_timeout_s")
+
+
+class _PausingListener:
+    """Passes a listener's calls on; after the first streamed tokens the model's thread waits for
+    `resume`, so a test can close the stream at a known step."""
+
+    def __init__(self, inner, resume: threading.Event) -> None:
+        self.inner, self.resume, self.paused = inner, resume, False
+
+    @property
+    def cancelled(self) -> bool:
+        return self.inner.cancelled
+
+    @property
+    def streaming(self) -> bool:
+        return self.inner.streaming
+
+    def tokens(self, ids: list[int], text: str) -> None:
+        self.inner.tokens(ids, text)
+        if self.inner.streaming and not self.paused:
+            self.paused = True
+            self.resume.wait(10)
+
+
+class Pausing(Gate):
+    def __init__(self, inner: Predictor) -> None:
+        super().__init__(inner)
+        self.resume = threading.Event()
+        self.results: list[dict] = []
+
+    def predict(self, requests: list[Request]) -> list[dict]:
+        for r in requests:
+            if r.listener is not None:  # not the warm-up request
+                r.listener = _PausingListener(r.listener, self.resume)
+        self.batches.append(len(requests))
+        self.results = self.inner.predict(requests)
+        return self.results
+
+
+def test_engine_streams_in_a_shared_batch_and_drops_a_closed_stream(predictor: Predictor, png: bytes) -> None:
+    image = Image.open(io.BytesIO(png))
+    request = Request(
+        image, instruction="what does the image describe?", options={**GREEDY, "max_new_tokens": 32}
+    )
+    metrics = ServeMetrics()
+    pausing = Pausing(predictor)
+
+    async def scenario():
+        engine = BatchingEngine(pausing, ServeConfig(max_batch_size=4, batch_window_ms=50), metrics)
+        await engine.start()
+        stream = engine.stream(request, 30)
+        plain = asyncio.ensure_future(engine.generate(request, 30))
+        first = await anext(stream)  # the model's thread now waits in the listener
+        stream.close()
+        pausing.resume.set()
+        answer = await plain
+        while engine.busy:
+            await asyncio.sleep(0.01)
+        await engine.stop(timeout=1)
+        return first, answer
+
+    first, answer = asyncio.run(scenario())
+    assert pausing.batches == [2]  # the streaming request shared its batch
+    assert first.tokens == answer["tokens"][:1] and answer["text"].startswith(first.text.rstrip("\ufffd"))
+    assert len(answer["tokens"]) == 32 and pausing.results[0] == {"task": None, "cancelled": True}
+    samples = {
+        s.name: s for f in metrics.registry.collect() for s in f.samples if not s.name.endswith("_created")
+    }
+    assert samples["ofa_cancelled_requests_total"].labels == {"stage": "decoding"}
+    assert samples["ofa_cancelled_requests_total"].value == 1
+    assert samples["ofa_running_requests"].value == 0
+    assert samples["ofa_generated_tokens_total"].value == 32  # the closed stream's tokens are not counted
+
+
+def test_a_timeout_mid_stream_is_an_error_event(predictor: Predictor, png: bytes) -> None:
+    """The first tokens came (the response began), then the model stalls past request_timeout_s."""
+    pausing = Pausing(predictor)
+    body = {"image": b64(png), "instruction": "describe", "stream": True, **GREEDY}
+    content = [
+        {"type": "text", "text": "describe"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + b64(png)}},
+    ]
+    chat = {
+        "model": "micro",
+        "stream": True,
+        "temperature": 0,
+        "messages": [{"role": "user", "content": content}],
+    }
+    with serve(pausing, request_timeout_s=1.0, model_name="micro") as c:
+        for path, payload in (("/v1/generate", body), ("/v1/chat/completions", chat)):
+            pausing.resume.clear()
+            events = sse_json(c.post(path, json=payload))
+            pausing.resume.set()  # the model's thread goes on, sees the request cancelled, stops
+            if path == "/v1/generate":
+                assert [e["type"] for e in events] == ["delta", "error"]
+                assert events[-1]["error"]["type"] == "timeout"
+                assert events[-1]["error"]["limit"] == "request_timeout_s"
+            else:
+                assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+                assert set(events[-1]) == {"error"} and events[-1]["error"]["code"] == "timeout"
+            while c.app.state.serving.engine.busy:
+                time.sleep(0.01)
+        cancelled = metric_samples(c)["ofa_cancelled_requests_total"]
+        assert [(s.labels["stage"], s.value) for s in cancelled] == [("decoding", 2.0)]
 
 
 # ---------------------------------------------------------------------------------------------------
