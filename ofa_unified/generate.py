@@ -31,6 +31,10 @@ import torch.nn.functional as F
 
 # Same ids as ofa_unified.vocab (OFA's order); the decoder input always starts with bos.
 BOS, PAD, EOS = 0, 1, 2
+# Sampling clamps the temperature to this range: far outside it lprobs / T overflows float32 (NaN
+# probabilities, a crash in multinomial), and at its ends the distribution is already as good as
+# one-hot (greedy) or uniform.
+TEMPERATURE_RANGE = (1e-6, 1e6)
 
 
 @dataclass
@@ -391,6 +395,7 @@ def _filter_top_k_top_p(scores: torch.Tensor, top_k: int, top_p: float) -> torch
         sorted_scores, order = scores.sort(dim=1, descending=True)
         probs = sorted_scores.softmax(dim=1)
         drop = probs.cumsum(dim=1) - probs >= top_p  # keep the smallest set whose mass reaches top_p
+        drop[:, 0] = False  # the best token stays, even for a top_p that rounds to 0 in float32
         scores = scores.masked_fill(drop.scatter(1, order, drop), -math.inf)
     return scores
 
@@ -404,6 +409,7 @@ def _sample_or_greedy_steps(
     generator = None
     if config.do_sample and config.seed is not None:
         generator = torch.Generator(device=rows.device).manual_seed(config.seed)
+    temperature = min(max(config.temperature, TEMPERATURE_RANGE[0]), TEMPERATURE_RANGE[1])
     origin = torch.arange(len(rows.sample), device=rows.device)  # output slot of each live row
     history = torch.zeros(len(origin), rows.tokens.size(1) - 1, device=rows.device)
     out: list[Hypothesis | None] = [None] * len(origin)
@@ -411,7 +417,7 @@ def _sample_or_greedy_steps(
         lprobs = rows.logprobs()
         if config.do_sample:
             # lprobs differ from logits by a per-row constant, so lprobs / T is softmax(logits / T).
-            scores = _filter_top_k_top_p(lprobs / config.temperature, config.top_k, config.top_p)
+            scores = _filter_top_k_top_p(lprobs / temperature, config.top_k, config.top_p)
             tokens = torch.multinomial(scores.softmax(dim=1), 1, generator=generator).squeeze(1)
         else:
             tokens = lprobs.argmax(dim=1)

@@ -68,6 +68,7 @@ def build_app(config: ServeConfig | None = None, predictor: PredictorLike | None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state.restart()
         state.startup_task = asyncio.create_task(_startup(state, predictor), name="ofa-startup")
         try:
             yield

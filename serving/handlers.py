@@ -147,6 +147,11 @@ class ServerState:
     startup_task: asyncio.Task | None = field(default=None, repr=False)
     started_at: float = field(default_factory=time.time)
 
+    def restart(self) -> None:
+        """Back to 'loading' for a lifespan that runs again (a test client entered twice, an ASGI
+        harness that ends the lifespan after each test): else it would stay 'shutting down' (503)."""
+        self.engine, self.ready, self.draining, self.error = None, False, False, None
+
 
 @dataclass
 class Outcome:

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Box = list[float]
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes an unsigned 64-bit seed
 
 
 def _not_blank(value: str) -> str:
@@ -23,7 +24,8 @@ def _not_blank(value: str) -> str:
     return value
 
 
-Text = Annotated[str, AfterValidator(_not_blank)]
+# Documented as a pattern too (some non-space character), so that schema-driven clients know.
+Text = Annotated[str, AfterValidator(_not_blank), Field(json_schema_extra={"pattern": r"\S"})]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -41,7 +43,7 @@ class GenerationOptions(BaseModel):
     temperature: float | None = Field(None, gt=0, allow_inf_nan=False)
     top_k: int | None = Field(None, ge=0, description="0 = off")
     top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = Field(None, ge=0, description="makes sampling reproducible")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="makes sampling reproducible")
     mean_image: bool | None = Field(
         None,
         description="image outputs: the pixel mean of the samples (least squared error, blurred where "
@@ -387,7 +389,7 @@ class ChatCompletionRequest(BaseModel):
         description="unset: the task's decoding (beam search); 0: greedy; > 0: sampling",
     )
     top_p: float | None = Field(None, ge=0, le=1, description="samples (nucleus) when set")
-    seed: int | None = Field(None, description="makes sampling reproducible")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="makes sampling reproducible")
     n: int | None = Field(None, ge=1, description="only 1: one choice per request")
     stop: str | list[str] | None = Field(
         None, description="up to 4 strings; the content is cut before the first one the answer holds"

@@ -30,6 +30,7 @@ router = APIRouter()
 OutputFormat = Literal["json", "png"]
 
 ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": p.ErrorResponse, "description": "the body cannot be parsed (malformed multipart or JSON)"},
     413: {"model": p.ErrorResponse, "description": "image bytes or pixels over the limit"},
     415: {"model": p.ErrorResponse, "description": "not an image, or an unsupported one"},
     422: {"model": p.ErrorResponse, "description": "invalid request (the message names the field or limit)"},
@@ -127,12 +128,23 @@ async def read_body(request: Request, model: type[BaseModel]) -> tuple[Any, byte
     )
 
 
+def _form_field(prop: dict[str, Any]) -> dict[str, Any]:
+    """A property as a form field: without JSON's null, which a form cannot send (a field left out,
+    or an empty non-text one, is unset; the text 'null' is a string)."""
+    options = [o for o in prop.get("anyOf", ()) if o != {"type": "null"}]
+    if len(options) == len(prop.get("anyOf", ())):
+        return prop
+    rest = {k: v for k, v in prop.items() if k != "anyOf"}
+    return {**rest, **options[0]} if len(options) == 1 else {**rest, "anyOf": options}
+
+
 def body_doc(model: type[BaseModel]) -> dict[str, Any]:
     """OpenAPI requestBody listing both encodings (the image is a file in multipart)."""
     schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
     content: dict[str, Any] = {"application/json": {"schema": schema}}
     if "image" in schema.get("properties", {}):
         form = copy.deepcopy(schema)
+        form["properties"] = {k: _form_field(v) for k, v in form["properties"].items()}
         form["properties"]["image"] = {"type": "string", "format": "binary", "description": "the image file"}
         content["multipart/form-data"] = {"schema": form}
     return {"requestBody": {"required": True, "content": content}}

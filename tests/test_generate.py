@@ -3,6 +3,7 @@ whose cache is its hidden state, so a wrong cache reorder or batch shrink change
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -289,13 +290,16 @@ def test_sampling_is_seeded():
     assert all(len(r) == 2 for r in run(None))
 
 
-def test_top_k_one_and_tiny_top_p_equal_greedy():
+def test_top_k_one_and_tiny_top_p_or_temperature_equal_greedy():
     model = FakeModel(seed=10)
     enc = encoded(model, 3)
     greedy = generate(model, enc, GenerationConfig(max_new_tokens=6), prefix=PREFIX)
     for config in (
         GenerationConfig(max_new_tokens=6, do_sample=True, top_k=1, temperature=0.7, seed=1),
         GenerationConfig(max_new_tokens=6, do_sample=True, top_p=1e-6, seed=2),
+        # 0 in float32: top-p would drop every token, lprobs / T would be NaN (both crashed multinomial)
+        GenerationConfig(max_new_tokens=6, do_sample=True, top_p=5e-324, seed=3),
+        GenerationConfig(max_new_tokens=6, do_sample=True, temperature=5e-324, seed=4),
     ):
         sampled = generate(model, enc, config, prefix=PREFIX)
         assert [(r[0].tokens, r[0].score) for r in sampled] == [(r[0].tokens, r[0].score) for r in greedy]
@@ -385,6 +389,16 @@ def test_top_k_top_p_filter():
     assert kept(0, 0.7) == [[True, True, False], [False, True, True]]
     assert kept(2, 1.0) == [[True, True, False], [False, True, True]]
     assert kept(1, 0.9) == [[True, False, False], [False, False, True]]
+    assert kept(0, 5e-324) == kept(1, 1.0)  # a top_p that rounds to 0 still keeps the best token
+
+
+def test_huge_temperature_samples_without_nan():
+    """A temperature past float32's range made lprobs / T NaN (-inf / inf for banned tokens)."""
+    model = FakeModel(seed=11)
+    enc = encoded(model, 2)
+    config = GenerationConfig(max_new_tokens=5, do_sample=True, temperature=1e300, seed=0)
+    for hyps in generate(model, enc, config):
+        assert len(hyps[0].tokens) <= 5 and math.isfinite(hyps[0].score)
 
 
 @pytest.mark.parametrize("beam", [1, 3])

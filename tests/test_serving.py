@@ -178,8 +178,12 @@ def test_openapi_documents_both_encodings(client: TestClient) -> None:
     for path in ("/v1/generate", "/v1/caption", "/v1/image-generation", "/healthz", "/metrics"):
         assert path in spec["paths"]
     content = spec["paths"]["/v1/vqa"]["post"]["requestBody"]["content"]
-    assert content["multipart/form-data"]["schema"]["properties"]["image"]["format"] == "binary"
+    form = content["multipart/form-data"]["schema"]["properties"]
+    assert form["image"]["format"] == "binary"
+    assert form["max_new_tokens"]["type"] == "integer" and "anyOf" not in form["max_new_tokens"]  # no null
     assert "question" in content["application/json"]["schema"]["required"]
+    assert content["application/json"]["schema"]["properties"]["question"]["pattern"] == r"\S"
+    assert "400" in spec["paths"]["/v1/vqa"]["post"]["responses"]  # a malformed multipart body
 
 
 def test_caption_multipart_json_and_data_uri_agree(client: TestClient, png: bytes) -> None:
@@ -352,6 +356,7 @@ def test_request_id_is_honoured_or_generated(client: TestClient) -> None:
         ({"instruction": "x" * 201}, "201 characters", "max_instruction_chars"),
         ({"instruction": "x", "temperature": 0}, "temperature", None),
         ({"instruction": "x", "top_p": 1.5}, "top_p", None),
+        ({"instruction": "x", "seed": 2**64}, "seed: Input should be less than or equal to", None),
         ({"instruction": "x", "colour": "red"}, "colour", None),
     ],
 )
@@ -360,6 +365,13 @@ def test_generate_validation_errors(
 ) -> None:
     msg = error(client.post("/v1/generate", json={"image": b64(png), **body}), 422, limit)
     assert needle in msg
+
+
+@pytest.mark.parametrize("options", [{"temperature": 5e-324}, {"temperature": 1e300}, {"top_p": 5e-324}])
+def test_extreme_sampling_values_are_answered(client: TestClient, png: bytes, options: dict) -> None:
+    """Found by tests/test_api_fuzz.py: each made the sampling probabilities NaN (a 500)."""
+    body = {"image": b64(png), "do_sample": True, "max_new_tokens": 3, **options}
+    assert client.post("/v1/caption", json=body).status_code == 200
 
 
 def test_multipart_fields_validate_like_json(client: TestClient, png: bytes) -> None:
@@ -556,6 +568,16 @@ def test_not_ready_until_warmed_up(predictor: Predictor, png: bytes) -> None:
         gate.open.set()
         wait_ready(c)
         assert c.post("/v1/caption", files=upload(png), data={"max_new_tokens": 2}).status_code == 200
+
+
+def test_a_second_lifespan_serves_again(predictor: Predictor, png: bytes) -> None:
+    """An app whose lifespan had ended (a TestClient entered twice; schemathesis ends it after each
+    test) stayed 'shutting down' (503) when it started again."""
+    app = build_app(ServeConfig(), predictor=predictor)
+    for _ in range(2):
+        with TestClient(app, raise_server_exceptions=False) as c:
+            wait_ready(c)
+            assert c.post("/v1/caption", json={"image": b64(png), "max_new_tokens": 2}).status_code == 200
 
 
 def test_timeout_is_504(predictor: Predictor, png: bytes) -> None:
