@@ -1,6 +1,6 @@
 # Launch (the bundled model's recipe; 85 minutes of training on the 2-core CPU, from scratch):
 #   python train/multitask.py --config train/configs/shapes_reads_image.py
-# One GPU (same recipe, 4x the samples; bf16 autocast):
+# One GPU (same recipe, ~4x the samples, bf16 autocast; not run yet: no GPU was lent):
 #   python train/multitask.py --config train/configs/shapes_reads_image.py --batch-size 64 --lr 1.5e-3 \
 #       --max-steps 9000 --time-limit 0 --threads 0 --num-workers 8 --out-dir runs/reads_image_gpu
 """The bundled model: the `shapes` size with the options the binding ladder found make it read the
