@@ -274,3 +274,6 @@ def test_export_refuses_options_outside_ofa(tmp_path):
     lean = build_model("micro", abs_pos_bias=False, attention_scale="head_dim")
     with pytest.raises(CheckpointError, match="abs_pos_bias, attention_scale: not part of OFA"):
         export_hf(lean, vocab, tmp_path / "hf2")
+    no_cross = build_model("micro", cross_pos_bias=False)
+    with pytest.raises(CheckpointError, match="cross_pos_bias: not part of OFA"):
+        export_hf(no_cross, vocab, tmp_path / "hf3")
