@@ -319,8 +319,18 @@ class VQATask(Task):
         return {"answer": _text(_tokens(tokens, vocab), vocab, "an answer")}
 
     def evaluate(self, predictions: Sequence[dict | None], records: Sequence[Record]) -> dict[str, float]:
+        """Accuracy overall and, for records that carry a `question_type` (the shapes world's), per
+        type: a model that reads colours but answers every yes/no question alike shows up here."""
         preds = [_field(p, "answer", "") for p in predictions]
-        return {"vqa_accuracy": metrics.vqa_accuracy(preds, [r["answers"] for r in records])}
+        out = {"vqa_accuracy": metrics.vqa_accuracy(preds, [r["answers"] for r in records])}
+        kinds: dict[str, list[int]] = {}
+        for i, r in enumerate(records):
+            if "question_type" in r:
+                kinds.setdefault(r["question_type"], []).append(i)
+        for kind, idx in sorted(kinds.items()):
+            picked = [preds[i] for i in idx], [records[i]["answers"] for i in idx]
+            out[f"vqa_accuracy/{kind}"] = metrics.vqa_accuracy(*picked)
+        return out
 
 
 class ClassificationTask(Task):
@@ -346,8 +356,10 @@ class ClassificationTask(Task):
         return {"answer": answer}
 
     def evaluate(self, predictions: Sequence[dict | None], records: Sequence[Record]) -> dict[str, float]:
+        """Accuracy, and the share of the most frequent answer (1.0: one label whatever the input)."""
         preds = [_field(p, "answer", "") for p in predictions]
-        return {"accuracy": metrics.accuracy(preds, [r["label"] for r in records])}
+        top = Counter(preds).most_common(1)[0][1] / len(preds) if preds else 0.0
+        return {"accuracy": metrics.accuracy(preds, [r["label"] for r in records]), "top_answer_share": top}
 
 
 # ---------------------------------------------------------------------------------------------------

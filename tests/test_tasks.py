@@ -282,9 +282,15 @@ def test_evaluate_delegates_and_counts_failed_parses_as_wrong():
     itm = get_task("itm").evaluate(
         [{"answer": "yes"}, {"answer": "yes"}], [{"label": "yes"}, {"label": "no"}]
     )
-    assert itm == {"accuracy": 0.5}
+    assert itm == {"accuracy": 0.5, "top_answer_share": 1.0}
     vqa = get_task("vqa").evaluate([{"answer": "red"}], [{"answers": ["red"] * 10}])
     assert vqa == {"vqa_accuracy": 1.0}
+    typed = [
+        {"answers": ["red"] * 10, "question_type": "color"},
+        {"answers": ["yes"] * 10, "question_type": "existence"},
+    ]
+    vqa = get_task("vqa").evaluate([{"answer": "red"}, {"answer": "no"}], typed)
+    assert vqa == {"vqa_accuracy": 0.5, "vqa_accuracy/color": 1.0, "vqa_accuracy/existence": 0.0}
     det = get_task("detection").evaluate([dict(RECORDS["detection"])], [RECORDS["detection"]])
     assert det["map@0.5"] == pytest.approx(1.0)
     codes = get_task("text_to_image").evaluate([{"codes": [2, 7, 1]}], [{"target_codes": [2, 7, 0, 0]}])

@@ -238,3 +238,23 @@ def test_train_only_that_trains_nothing_is_refused(tmp_path, vocab_dir, capsys):
     assert "train_only must be a regular expression" in capsys.readouterr().err
     with pytest.raises(ValueError, match="matches no parameter"):
         multitask.main(micro_args(tmp_path, vocab_dir, "--max-steps", "1", "--train-only", "^nothing$"))
+
+
+def test_sample_means_weigh_each_sample_alike():
+    labels = torch.tensor([[5, 6, 7, 8], [5, -100, -100, -100]])
+    per_token = torch.tensor([[1.0, 1.0, 1.0, 1.0], [3.0, 0.0, 0.0, 0.0]])
+    # token mean: (4 + 3) / 5 = 1.4, the long answer dominates; sample means: 1 and 3
+    assert multitask.sample_means(per_token, labels).tolist() == [1.0, 3.0]
+
+
+def test_sample_loss_normalization_trains_and_is_checked(tmp_path, vocab_dir, capsys):
+    by_token = multitask.main(micro_args(tmp_path / "t", vocab_dir, "--max-steps", "3"))
+    by_sample = multitask.main(
+        micro_args(tmp_path / "s", vocab_dir, "--max-steps", "20", "--loss-normalization", "sample")
+    )
+    losses = by_sample["losses"]
+    assert by_sample["losses"][0] != pytest.approx(by_token["losses"][0], abs=1e-4)  # a mixed-length batch
+    assert sum(losses[-5:]) / 5 < 0.85 * sum(losses[:5]) / 5, losses
+    with pytest.raises(SystemExit):
+        multitask.main(micro_args(tmp_path / "x", vocab_dir, "--loss-normalization", "task"))
+    assert "loss_normalization" in capsys.readouterr().err

@@ -214,6 +214,7 @@ def check_config(cfg: TrainConfig) -> None:
         ("warmup_steps", cfg.warmup_steps >= 0, ">= 0"),
         ("min_lr_ratio", 0 <= cfg.min_lr_ratio <= 1, "in [0, 1]"),
         ("label_smoothing", 0 <= cfg.label_smoothing < 1, "in [0, 1)"),
+        ("loss_normalization", cfg.loss_normalization in ("token", "sample"), "'token' or 'sample'"),
         ("num_workers", cfg.num_workers >= 0, ">= 0"),
         ("tasks", any(w > 0 for w in cfg.tasks.values()), "a mix with a positive weight"),
         ("data", bool(cfg.data) and all(w >= 0 for w in cfg.data.values()), "sources with weights >= 0"),
@@ -328,6 +329,12 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 def _materialise(dataset) -> list[Example]:
     return [dataset[i] for i in range(len(dataset))]
+
+
+def sample_means(per_token: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[B] each sample's mean over its labelled tokens of a [B, T] loss (0 at ignored positions)."""
+    tokens = labels.ne(IGNORE_INDEX).sum(1).clamp(min=1).to(per_token.device)
+    return per_token.sum(1) / tokens
 
 
 def count_tokens(batch: dict) -> int:
@@ -633,6 +640,16 @@ class MultitaskRecipe:
             reduction=reduction,
         )
 
+    def batch_loss(self, model, part: dict, num_labels: int, num_samples: int) -> torch.Tensor:
+        """`part`'s share of its micro-batch's training loss: the token mean over the whole micro-batch
+        (`num_labels` tokens), or with `loss_normalization="sample"` the mean over its `num_samples`
+        samples of each sample's token mean, whichever part a token or sample is in."""
+        cfg = self.cfg
+        if cfg.loss_normalization == "token":
+            return self.loss(model, part, cfg.label_smoothing, reduction="sum") / num_labels
+        per_token = self.loss(model, part, cfg.label_smoothing, reduction="none")
+        return sample_means(per_token, part["labels"]).sum() / num_samples
+
     def _loader(self) -> DataLoader:
         cfg = self.cfg
         sampler = IndexSampler(cfg.batch_size, self.next_batch, self.rank, self.world_size)
@@ -657,8 +674,7 @@ class MultitaskRecipe:
             for j, part in enumerate(parts):
                 sync = self.ddp is None or (micro == cfg.grad_accum - 1 and j == len(parts) - 1)
                 with nullcontext() if sync else self.ddp.no_sync():
-                    # token mean over the whole micro-batch, whichever part a token is in
-                    loss = self.loss(model, part, cfg.label_smoothing, reduction="sum") / num_labels
+                    loss = self.batch_loss(model, part, num_labels, len(batch["tasks"]))
                     (loss / cfg.grad_accum).backward()
                 loss_sum += loss.item()
             tokens += count_tokens(batch)

@@ -70,6 +70,11 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.98)
     weight_decay: float = 0.01  # on matrices only (not biases, norms)
     label_smoothing: float = 0.1
+    # "token": every target token weighs the same (OFA/fairseq), so a task's share of the gradient is
+    # its weight times its target length: in the default mix VQA gets ~2% and ITM ~1% of it, detection
+    # and the 64-code image tasks ~70%. "sample": each sample's token mean, so the mix weights alone
+    # set each task's share (docs/experiments.md, 2026-12-03).
+    loss_normalization: str = "token"
     clip_grad: float = 1.0  # max global grad norm (0 = off)
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32" or "bf16"
     # --- evaluation, logging, checkpoints
