@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ofa_unified.model import EXPERT, NON_OFA_MODULES, OFA_SETTINGS, OFAConfig, OFAModel
+from ofa_unified.model import FFN_EXPERTS, ITC_HEAD, NON_OFA_MODULES, OFA_SETTINGS, OFAConfig, OFAModel
 from ofa_unified.resnet import RESNET_LAYERS, ResNet
 from ofa_unified.vocab import Vocab
 
@@ -268,8 +268,9 @@ def load_state(model: OFAModel, state: dict[str, torch.Tensor], source: str) -> 
 
 def load_with_new_modules(model: OFAModel, state: dict[str, torch.Tensor], source: str) -> list[str]:
     """Load `state` into `model`, whose NON_OFA_MODULES the checkpoint may lack. New modules start at
-    zero, except an image expert's FFN, which starts as a copy of its layer's shared FFN (so the
-    model computes what the checkpoint did until the expert trains).
+    zero, except an expert's FFN (image, vision, vision-language), which starts as a copy of its
+    layer's own FFN (so the model computes what the checkpoint did until the expert trains), and the
+    retrieval head, which keeps its fresh init (it changes no output of the checkpoint's).
 
     Returns the new tensors' names; any other missing or unexpected tensor is a CheckpointError.
     """
@@ -277,10 +278,11 @@ def load_with_new_modules(model: OFAModel, state: dict[str, torch.Tensor], sourc
     new = [k for k in own if k not in state and any(m in k for m in NON_OFA_MODULES.values())]
     with torch.no_grad():
         for key in new:
-            shared = key.replace(EXPERT, "")
-            if EXPERT in key and shared in state:
+            expert = next((e for e in FFN_EXPERTS if e in key), None)
+            shared = key.replace(expert, "") if expert else None
+            if shared in state:
                 own[key].copy_(state[shared])
-            else:
+            elif not key.startswith(ITC_HEAD):
                 own[key].zero_()
     load_state(model, {**state, **{k: own[k] for k in new}}, source)
     return new

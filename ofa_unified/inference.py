@@ -6,12 +6,17 @@ settings run as one batched `generate` over one encoder pass. A request may carr
 `TokenListener`: it receives the request's tokens as they are decoded (greedy, or one sample) and
 can take the request out of its batch mid-way (the server streams answers and drops the rows of
 clients that went away).
+
+A model with a retrieval head (`itc_dim > 0`) also embeds images and texts into one space
+(`embed_images`, `embed_texts`) and ranks candidates by it (`rank`), optionally re-scoring the top
+few with the fusion model's ITM answer.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -37,6 +42,9 @@ from ofa_unified.vq import encoder_codes
 
 VQ_DIR = "vq"  # a VQ tokenizer bundled inside the checkpoint directory enables image outputs
 FREE_DEFAULTS = {"beam_size": 5, "max_new_tokens": 32, "no_repeat_ngram_size": 3}
+NO_RETRIEVAL_HEAD = "this model has no retrieval head (itc_dim=0)"
+EMBED_BATCH_SIZE = 64  # images or texts per embedding forward pass
+ITM_BATCH_SIZE = 16  # (image, text) pairs per ITM scoring pass
 
 
 class TokenListener(Protocol):
@@ -137,6 +145,11 @@ class Predictor:
         if (req.task is None) == (req.instruction is None):
             raise ValueError("give either a task or an instruction (exactly one)")
         task = get_task(req.task) if req.task is not None else None
+        if task is not None and task.output == "embedding":
+            raise ValueError(
+                f"task {task.name} embeds an image and a text and decodes nothing: use embed_images, "
+                "embed_texts or rank"
+            )
         record = {**req.fields, "task": req.task} if task else {}
         code_output = task is not None and task.output == "codes"
         if code_output and self.vq is None:
@@ -312,16 +325,139 @@ class Predictor:
             batch[i].candidates if batch[i].candidates is not None else list(batch[i].task.labels)
             for i in rows
         ]
-        cands = [[encode_answer(self.vocab, c) for c in names] for names in labels]
-        scores = score_candidates(self.model, enc.index_select(torch.tensor(rows, device=self.device)), cands)
-        for i, names, s in zip(rows, labels, scores, strict=True):
-            top = max(s)
-            z = math.fsum(math.exp(v - top) for v in s)
-            probs = {n: math.exp(v - top) / z for n, v in zip(names, s, strict=True)}
+        selected = enc.index_select(torch.tensor(rows, device=self.device))
+        for i, probs in zip(rows, self._label_probabilities(selected, labels), strict=True):
             out[i]["probabilities"] = probs
             answer = out[i].get("answer")
             if answer in probs:
                 out[i]["probability"] = probs[answer]
+
+    def _label_probabilities(self, enc, labels: list[list[str]]) -> list[dict[str, float]]:
+        """Each row's softmax over its labels' summed log-probs (OFA's allcand scoring, exact)."""
+        cands = [[encode_answer(self.vocab, c) for c in names] for names in labels]
+        out = []
+        for names, s in zip(labels, score_candidates(self.model, enc, cands), strict=True):
+            top = max(s)
+            z = math.fsum(math.exp(v - top) for v in s)
+            out.append({n: math.exp(v - top) / z for n, v in zip(names, s, strict=True)})
+        return out
+
+    # -- retrieval -----------------------------------------------------------------------------
+
+    @property
+    def has_retrieval(self) -> bool:
+        """The model embeds images and texts into one space (a contrastive head, `itc_dim > 0`)."""
+        return bool(self.model.has_retrieval)
+
+    def _require_retrieval(self) -> None:
+        if not self.has_retrieval:
+            raise ValueError(NO_RETRIEVAL_HEAD)
+
+    @torch.inference_mode()
+    def embed_images(self, images: Sequence[Image.Image], batch_size: int = EMBED_BATCH_SIZE) -> torch.Tensor:
+        """[N, itc_dim] unit vectors (float32, on the CPU), one per image, `batch_size` at a time."""
+        self._require_retrieval()
+        out = [torch.empty(0, self.model.config.itc_dim)]
+        for start in range(0, len(images), batch_size):
+            pixels = torch.stack([self.transform(im)[0] for im in images[start : start + batch_size]])
+            pixels = pixels.to(self.device)
+            codes = encoder_codes(self.model.config, self.vq, self.vocab, pixels)
+            out.append(self.model.embed(patch_images=pixels, image_codes=codes).float().cpu())
+        return torch.cat(out)
+
+    @torch.inference_mode()
+    def embed_texts(self, texts: Sequence[str], batch_size: int = EMBED_BATCH_SIZE) -> torch.Tensor:
+        """[N, itc_dim] unit vectors (float32, on the CPU), one per text, `batch_size` at a time."""
+        self._require_retrieval()
+        out = [torch.empty(0, self.model.config.itc_dim)]
+        for start in range(0, len(texts), batch_size):
+            ids = self.text_ids(texts[start : start + batch_size], first=start)
+            out.append(self.model.embed(input_ids=ids).float().cpu())
+        return torch.cat(out)
+
+    def text_ids(self, texts: Sequence[str], first: int = 0) -> torch.Tensor:
+        """[N, L] the texts' ids padded with PAD_ID, on the model's device: what `embed_texts` feeds
+        the model (to train its head on the same inputs). `first` numbers the texts in errors."""
+        encoded = []
+        for i, text in enumerate(texts, start=first):
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"text {i} to embed is empty or not a string")
+            encoded.append(self.vocab.encode(text))
+            if len(encoded[-1]) > self.max_source_tokens:
+                raise ValueError(
+                    f"text {i} is {len(encoded[-1])} tokens; the limit is {self.max_source_tokens}"
+                )
+        ids = torch.full((len(encoded), max(map(len, encoded), default=0)), PAD_ID, dtype=torch.long)
+        for row, seq in enumerate(encoded):
+            ids[row, : len(seq)] = torch.tensor(seq)
+        return ids.to(self.device)
+
+    def rank(
+        self,
+        query: Image.Image | str,
+        candidates: Sequence[str] | Sequence[Image.Image],
+        rerank: int = 0,
+    ) -> list[dict]:
+        """Candidates best first, each `{"index", "score", "embedding_score"}` (+ `"text"` for text
+        candidates): an image query ranks texts, a text query ranks images, by the cosine of their
+        embeddings. `rerank=k` re-scores the top k with the fusion model's ITM P("yes") (`itm_score`,
+        then also their `score`) and re-sorts them; they stay ahead of the rest, whose embedding
+        score is on another scale."""
+        self._require_retrieval()
+        if not candidates:
+            raise ValueError("no candidates to rank")
+        image_query = isinstance(query, Image.Image)
+        if not image_query and not isinstance(query, str):
+            raise ValueError(f"the query must be a PIL image or a text, got {type(query).__name__}")
+        wanted = str if image_query else Image.Image
+        if not all(isinstance(c, wanted) for c in candidates):
+            raise ValueError("an image query ranks texts and a text query ranks images")
+        if image_query:
+            sims = self.embed_texts(candidates) @ self.embed_images([query])[0]
+        else:
+            sims = self.embed_images(candidates) @ self.embed_texts([query])[0]
+        ranked = self.ranking(sims.tolist())
+        if image_query:
+            for r in ranked:
+                r["text"] = candidates[r["index"]]
+
+        def pair(i: int) -> tuple[Image.Image, str]:
+            return (query, candidates[i]) if image_query else (candidates[i], query)
+
+        return self.rerank(ranked, rerank, pair)
+
+    @staticmethod
+    def ranking(scores: Sequence[float]) -> list[dict]:
+        """Indices by descending embedding score (ties keep their order)."""
+        order = sorted(range(len(scores)), key=scores.__getitem__, reverse=True)
+        return [{"index": i, "score": scores[i], "embedding_score": scores[i]} for i in order]
+
+    def rerank(
+        self, ranked: list[dict], k: int, pair: Callable[[int], tuple[Image.Image, str]]
+    ) -> list[dict]:
+        """`ranked` with its top k re-scored by ITM (`pair(index)` is the candidate's (image, text)
+        pair with the query) and re-sorted by that score; the rest as they were."""
+        if k < 0:
+            raise ValueError(f"rerank must be >= 0, got {k}")
+        top = [dict(r) for r in ranked[:k]]
+        for r, s in zip(top, self.itm_scores([pair(r["index"]) for r in top]), strict=True):
+            r["score"] = r["itm_score"] = s
+        return sorted(top, key=lambda r: r["score"], reverse=True) + ranked[k:]
+
+    @torch.inference_mode()
+    def itm_scores(
+        self, pairs: Sequence[tuple[Image.Image, str]], batch_size: int = ITM_BATCH_SIZE
+    ) -> list[float]:
+        """P("yes") of the itm task for each (image, text): the fusion model's verdict, read off the
+        same label scoring as an itm answer's probabilities (no decoding)."""
+        labels = list(get_task("itm").labels)
+        out: list[float] = []
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start : start + batch_size]
+            batch = [self._prepare(Request(im, "itm", {"text": text})) for im, text in chunk]
+            probs = self._label_probabilities(self._encode(batch), [labels] * len(batch))
+            out += [p["yes"] for p in probs]
+        return out
 
     def _codes_to_image(self, p: _Prepared, grids: list[list[int]]) -> Image.Image:
         """Decode code grids to pixels; several grids are averaged in pixel space (their mean is

@@ -11,7 +11,8 @@ tokens of the joint vocabulary. What makes it OFA rather than a plain seq2seq mo
 * the decoder treats image-code outputs (`code_mask`) with 2D image positions.
 
 Not in OFA, each off by default (see OFAConfig): `image_skip`, `image_pos_content`, `image_tokens`
-on the input side, and `image_expert`, a BEiT-3-style multiway split on the output modality.
+on the input side, `image_expert`, a BEiT-3-style multiway split on the output modality,
+`modality_experts` (VLMo's split on the input modality) and `itc_dim`, a retrieval head (`embed`).
 OFA's own pieces can each be removed (`abs_pos_bias`, `cross_pos_bias`, `normformer`,
 `patch_layernorm`, `attention_scale`; OFA_SETTINGS): with them a small model is slow to read the
 image (the binding ladder, bench/README.md).
@@ -41,11 +42,17 @@ PAD_ID = 1
 # refuses them; fine-tuning a checkpoint with one turned on starts its module at zero, except the
 # image expert's FFNs, which start as copies of the shared ones).
 EXPERT = "image_ffn."  # an image expert's FFN sits at `<layer>.image_ffn.<OFA's FFN names>`
+VISION_EXPERT, VL_EXPERT = "vision_ffn.", "vl_ffn."  # modality experts, beside the layer's own FFN
+FFN_EXPERTS = (EXPERT, VISION_EXPERT, VL_EXPERT)  # each starts as a copy of its layer's own FFN
+ITC_HEAD = "itc_"  # the retrieval head: keeps its fresh init (a zero projection has no gradient)
 NON_OFA_MODULES = {
     "image_skip": "encoder.image_skip_proj.",
     "image_pos_content": "encoder.image_pos_proj.",
     "image_tokens": "encoder.image_code_proj.",
     "image_expert": f".{EXPERT}",
+    "modality_experts": f".{VISION_EXPERT}",
+    "fusion_layers": f".{VL_EXPERT}",
+    "itc_dim": ITC_HEAD,
 }
 # Parameters that only image-output rows (`code_mask`) use when `image_expert` is on: training only
 # these (train/configs/shapes_image_expert.py) cannot change any text task's output.
@@ -106,6 +113,18 @@ class OFAConfig:
     # read the `image_tokens` term; text outputs run the shared weights alone. Attention, embeddings
     # and the stem stay shared. So the image tasks can be trained on without moving any text task.
     image_expert: bool = False
+    # Not in OFA (VLMo's MoME, BEiT-3's Multiway): every encoder layer keeps one shared attention but
+    # routes each token's FFN by input modality: patches to a vision expert (`vision_ffn`), text to the
+    # layer's own FFN (the language expert, OFA's names, so a text-only input computes what a model
+    # without the option does). In the top `fusion_layers` a vision-language expert (`vl_ffn`) serves
+    # every token of an input with both image and text; image-only and text-only inputs use only their
+    # own expert in every layer, which makes the encoder a dual encoder too (`embed`). Composes with
+    # `image_expert`: image-output rows run the image expert at every position, as without this option.
+    modality_experts: bool = False
+    fusion_layers: int = 0
+    # Not in OFA (VLMo/CLIP's image-text contrastive head): width of the retrieval embeddings that
+    # `OFAModel.embed` gives for an image alone or a text alone; 0 = no retrieval head.
+    itc_dim: int = 0
     # OFA's own pieces, each removable (the binding ladder, bench/README.md: with all four at OFA's
     # setting a micro model does not learn a one-object colour question in 150 steps; without them it
     # passes a plain nn.Transformer). True / "ofa" is OFA's computation, exactly.
@@ -136,6 +155,15 @@ class OFAConfig:
             raise ValueError(f"attention_scale must be 'ofa' or 'head_dim', got {self.attention_scale!r}")
         if self.prompt_type not in ("none", "prev_output"):
             raise ValueError(f"prompt_type must be 'none' or 'prev_output', got {self.prompt_type!r}")
+        if not 0 <= self.fusion_layers <= self.encoder_layers:
+            raise ValueError(
+                f"fusion_layers must be in [0, {self.encoder_layers}] (the encoder's layers), "
+                f"got {self.fusion_layers}"
+            )
+        if self.fusion_layers and not self.modality_experts:
+            raise ValueError("fusion_layers > 0 needs modality_experts=True (its VL expert is one of them)")
+        if self.itc_dim < 0:
+            raise ValueError(f"itc_dim must be >= 0 (0: no retrieval head), got {self.itc_dim}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -219,17 +247,57 @@ class EncoderOutput:
 
 @dataclass
 class KVCache:
-    """Per-layer self-attention keys/values (growing) and cross-attention keys/values (fixed)."""
+    """What one request's decoding keeps between steps. Self-attention keys/values live in
+    preallocated [B, H, capacity, d] buffers (the first `length` positions valid; a step writes its
+    slice instead of concatenating). What depends on the encoder output alone is computed once for
+    `source`, the EncoderOutput it was made from: the cross-attention keys/values and the keys of
+    the cross-attention position bias. `reorder` moves the self-attention rows at once and the
+    encoder-side rows lazily: if the next step passes `source` itself (beams reordered within their
+    samples, whose encoder rows are copies), nothing moves; a new encoder output (samples that
+    finished dropped out) gathers them then."""
 
     self_kv: list[tuple[torch.Tensor, torch.Tensor]]
     cross_kv: list[tuple[torch.Tensor, torch.Tensor]]
     length: int = 0
+    source: EncoderOutput | None = None
+    cross_pos_k: torch.Tensor | None = None  # [B, H, hd, S] (or broadcastable), scaled as it is used
+    pending: torch.Tensor | None = None  # rows of `source` for the current rows, if reordered since
 
     def reorder(self, idx: torch.Tensor) -> KVCache:
-        pick = lambda kv: (kv[0].index_select(0, idx), kv[1].index_select(0, idx))
-        self.self_kv = [pick(kv) for kv in self.self_kv]
-        self.cross_kv = [pick(kv) for kv in self.cross_kv]
+        self.self_kv = [(k.index_select(0, idx), v.index_select(0, idx)) for k, v in self.self_kv]
+        self.pending = idx if self.pending is None else self.pending[idx]
         return self
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write one layer's new keys/values [B, H, T, d] after the cached `length` positions (the
+        caller advances `length` once per step) and return views of all valid positions."""
+        end = self.length + k.size(2)
+        if layer == len(self.self_kv):  # first call: room for this call and 32 more positions
+            shape = (*k.shape[:2], end + 32, k.size(3))
+            self.self_kv.append((k.new_empty(shape), v.new_empty(shape)))
+        buf_k, buf_v = self.self_kv[layer]
+        if end > buf_k.size(2):  # full: double the capacity (amortised O(1) per step)
+            grown = [b.new_empty((*b.shape[:2], 2 * end, b.size(3))) for b in (buf_k, buf_v)]
+            for new, old in zip(grown, (buf_k, buf_v), strict=True):
+                new[:, :, : self.length] = old[:, :, : self.length]
+            buf_k, buf_v = grown
+            self.self_kv[layer] = (buf_k, buf_v)
+        buf_k[:, :, self.length : end] = k
+        buf_v[:, :, self.length : end] = v
+        return buf_k[:, :, :end], buf_v[:, :, :end]
+
+    def for_source(self, enc: EncoderOutput) -> bool:
+        """Make the encoder-side entries match `enc`'s rows; False if there are none yet (a new
+        request, or an encoder output that is no reordering of `source`: recompute them)."""
+        if self.source is enc:
+            self.pending = None
+            return bool(self.cross_kv)
+        if self.pending is None or not self.cross_kv:
+            return False
+        idx = self.pending
+        self.cross_kv = [(k.index_select(0, idx), v.index_select(0, idx)) for k, v in self.cross_kv]
+        self.source, self.pending, self.cross_pos_k = enc, None, None
+        return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,12 +336,22 @@ class Attention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(x.shape))
 
 
-def code_rows(code_mask: torch.Tensor | None) -> torch.Tensor | bool:
-    """Which rows write image codes, resolved once per forward (each check syncs a GPU): False for
-    none, True for all, else the [B] mask itself."""
-    if code_mask is None or not bool(code_mask.any()):
+def select_rows(mask: torch.Tensor | None) -> torch.Tensor | bool:
+    """The rows a [B] mask selects, resolved once per forward (each check syncs a GPU): False for
+    none, True for all, else the mask itself."""
+    if mask is None or not bool(mask.any()):
         return False
-    return True if bool(code_mask.all()) else code_mask
+    return True if bool(mask.all()) else mask
+
+
+def code_rows(code_mask: torch.Tensor | None) -> torch.Tensor | bool:
+    """Which rows write image codes (`select_rows` of the code mask)."""
+    return select_rows(code_mask)
+
+
+# An encoder layer's FFN routing under `modality_experts`: (rows, positions, expert) parts that
+# cover the batch once; the expert is an attribute of the layer (`vision_ffn`, ...), None its own FFN.
+Route = list[tuple[torch.Tensor | slice, slice, str | None]]
 
 
 def norm(d: int, on: bool) -> nn.Module:
@@ -290,19 +368,34 @@ def add_ffn(module: nn.Module, d: int, ffn_dim: int, normformer: bool = True) ->
 
 
 class EncoderLayer(nn.Module):
-    """Pre-LN block: attention (+ mid LayerNorm), then FFN with a LayerNorm on its hidden."""
+    """Pre-LN block: attention (+ mid LayerNorm), then FFN with a LayerNorm on its hidden.
+    `modality_experts`: a vision expert FFN beside the own (language) one, and in a `fusion` layer a
+    vision-language expert too (OFAConfig.modality_experts)."""
 
-    def __init__(self, cfg: OFAConfig, heads: int, ffn_dim: int, drop_path_rate: float):
+    def __init__(
+        self,
+        cfg: OFAConfig,
+        heads: int,
+        ffn_dim: int,
+        drop_path_rate: float,
+        modality_experts: bool = False,
+        fusion: bool = False,
+    ):
         super().__init__()
         d = cfg.d_model
         self.self_attn = Attention(d, heads, cfg.attention_dropout, cfg.attention_scale)
         self.self_attn_layer_norm = nn.LayerNorm(d)
         self.self_attn_mid_layer_norm = norm(d, cfg.normformer)
         add_ffn(self, d, ffn_dim, cfg.normformer)
-        self.image_ffn: nn.Module | None = None
-        if cfg.image_expert:
-            self.image_ffn = nn.Module()
-            add_ffn(self.image_ffn, d, ffn_dim, cfg.normformer)
+        self.image_ffn = self.vision_ffn = self.vl_ffn = None
+        for name, on in (
+            ("image_ffn", cfg.image_expert),
+            ("vision_ffn", modality_experts),
+            ("vl_ffn", modality_experts and fusion),
+        ):
+            if on:
+                setattr(self, name, nn.Module())
+                add_ffn(getattr(self, name), d, ffn_dim, cfg.normformer)
         self.dropout = nn.Dropout(cfg.dropout)
         self.activation_dropout = nn.Dropout(cfg.activation_dropout)
         self.drop_path_rate = drop_path_rate
@@ -314,8 +407,13 @@ class EncoderLayer(nn.Module):
         h = self.activation_dropout(F.gelu(w.fc1(w.final_layer_norm(x))))
         return self.residual(x, w.fc2(w.ffn_layer_norm(h)))
 
-    def feed_forward(self, x: torch.Tensor, image_rows: torch.Tensor | bool = False) -> torch.Tensor:
-        """The shared FFN; with an image expert, the rows `image_rows` (`code_rows`) run the expert's."""
+    def feed_forward(
+        self, x: torch.Tensor, image_rows: torch.Tensor | bool = False, route: Route | None = None
+    ) -> torch.Tensor:
+        """The shared FFN; with an image expert, the rows `image_rows` (`code_rows`) run the expert's;
+        with modality experts, each part of `route` (`Encoder.routes`) runs its expert."""
+        if route is not None:
+            return self.routed(x, route)
         if self.image_ffn is None or image_rows is False:
             return self._ffn(x, self)
         if image_rows is True:
@@ -325,14 +423,28 @@ class EncoderLayer(nn.Module):
         out[~image_rows] = self._ffn(x[~image_rows], self)
         return out
 
+    def routed(self, x: torch.Tensor, route: Route) -> torch.Tensor:
+        """The FFN of each (rows, positions) part of `route` by its expert (None: the own FFN)."""
+        expert = lambda name: self if name is None else getattr(self, name)
+        if len(route) == 1:
+            return self._ffn(x, expert(route[0][2]))
+        out = torch.empty_like(x)
+        for rows, cols, name in route:
+            out[rows, cols] = self._ffn(x[rows, cols], expert(name))
+        return out
+
     def forward(
-        self, x: torch.Tensor, bias: torch.Tensor, image_rows: torch.Tensor | bool = False
+        self,
+        x: torch.Tensor,
+        bias: torch.Tensor,
+        image_rows: torch.Tensor | bool = False,
+        route: Route | None = None,
     ) -> torch.Tensor:
         h = self.self_attn_layer_norm(x)
         x = self.residual(
             x, self.self_attn_mid_layer_norm(self.self_attn(h, bias, self.self_attn.project_kv(h)))
         )
-        return self.feed_forward(x, image_rows)
+        return self.feed_forward(x, image_rows, route)
 
 
 class DecoderLayer(EncoderLayer):
@@ -348,19 +460,21 @@ class DecoderLayer(EncoderLayer):
         self,
         x: torch.Tensor,
         self_bias: torch.Tensor,
-        past_kv: tuple[torch.Tensor, torch.Tensor] | None,
         cross_bias: torch.Tensor,
         cross_kv: tuple[torch.Tensor, torch.Tensor],
+        cache: KVCache | None = None,
+        index: int = 0,
         image_rows: torch.Tensor | bool = False,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    ) -> torch.Tensor:
+        """`cache`: this step's keys/values join the cached ones (layer `index`), in place."""
         h = self.self_attn_layer_norm(x)
         k, v = self.self_attn.project_kv(h)
-        if past_kv is not None:
-            k, v = torch.cat([past_kv[0], k], dim=2), torch.cat([past_kv[1], v], dim=2)
+        if cache is not None:
+            k, v = cache.append(index, k, v)
         x = self.residual(x, self.self_attn_mid_layer_norm(self.self_attn(h, self_bias, (k, v))))
         h = self.cross_attn(self.cross_attn_layer_norm(x), cross_bias, cross_kv)
         x = self.residual(x, self.cross_attn_mid_layer_norm(h))
-        return self.feed_forward(x, image_rows), (k, v)
+        return self.feed_forward(x, image_rows)
 
 
 def position_bias(
@@ -369,9 +483,11 @@ def position_bias(
     q_pos: torch.Tensor,
     k_pos: torch.Tensor,
     heads: int,
+    keys: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Absolute position bias `(W_q p_i * s) . (W_k p_j)` per head: [..., H, Tq, Tk] (zeros for a
-    model without it, `abs_pos_bias=False`)."""
+    model without it, `abs_pos_bias=False`). `keys`: `position_keys(k_linear, k_pos, heads)` if the
+    caller has it already (the decoder keeps the encoder positions' across steps)."""
     if q_linear is None or k_linear is None:
         shape = (
             *torch.broadcast_shapes(q_pos.shape[:-2], k_pos.shape[:-2]),
@@ -381,11 +497,19 @@ def position_bias(
         )
         return q_pos.new_zeros(shape)
 
-    def split(t: torch.Tensor) -> torch.Tensor:
-        return t.unflatten(-1, (heads, -1)).transpose(-3, -2)
+    q = split_heads(q_linear(q_pos), heads)
+    keys = position_keys(k_linear, k_pos, heads) if keys is None else keys
+    return (q * (q.size(-1) * 2) ** -0.5) @ keys
 
-    q, k = split(q_linear(q_pos)), split(k_linear(k_pos))
-    return (q * (q.size(-1) * 2) ** -0.5) @ k.transpose(-1, -2)
+
+def split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """[..., T, H * hd] -> [..., H, T, hd]."""
+    return t.unflatten(-1, (heads, -1)).transpose(-3, -2)
+
+
+def position_keys(k_linear: nn.Linear, k_pos: torch.Tensor, heads: int) -> torch.Tensor:
+    """The key side of `position_bias`: [..., H, hd, Tk]."""
+    return split_heads(k_linear(k_pos), heads).transpose(-1, -2)
 
 
 def position_linears(d: int, on: bool) -> tuple[nn.Linear | None, nn.Linear | None]:
@@ -452,8 +576,12 @@ class Encoder(Stack):
         self.patch_layernorm_embedding = norm(d, cfg.patch_layernorm)
         self.pos_q_linear, self.pos_k_linear = position_linears(d, cfg.abs_pos_bias)
         rates = linspace(cfg.encoder_drop_path_rate, cfg.encoder_layers)
+        first_fusion = cfg.encoder_layers - cfg.fusion_layers
         self.layers = nn.ModuleList(
-            EncoderLayer(cfg, cfg.encoder_heads, cfg.encoder_ffn_dim, rate) for rate in rates
+            EncoderLayer(
+                cfg, cfg.encoder_heads, cfg.encoder_ffn_dim, rate, cfg.modality_experts, i >= first_fusion
+            )
+            for i, rate in enumerate(rates)
         )
 
     def _image_features(self, images: torch.Tensor, masks: torch.Tensor | None) -> list[torch.Tensor]:
@@ -519,6 +647,39 @@ class Encoder(Stack):
             img = img + (term if image_rows is True else term * image_rows[:, None, None].to(term.dtype))
         return img, pos, ids
 
+    def routes(
+        self, batch: int, patches: int, text: int, patch_masks: torch.Tensor | None, image_rows
+    ) -> tuple[Route, Route]:
+        """The FFN routing of the non-fusion and of the fusion layers (`modality_experts`), for inputs
+        of `patches` image positions followed by `text` token positions: patches to the vision expert,
+        text to the own FFN, except rows with an image (`patch_masks`) and text in a fusion layer (the
+        VL expert everywhere) and image-output rows (`image_rows`: the image expert everywhere)."""
+        device = self.type_embedding.weight.device
+        code = image_rows if torch.is_tensor(image_rows) else torch.full((batch,), image_rows, device=device)
+        image = torch.ones_like(code) if patch_masks is None else patch_masks.bool()
+        fused = image & ~code if patches and text else torch.zeros_like(code)
+        patch_cols, text_cols = slice(0, patches), slice(patches, patches + text)
+        all_cols = slice(0, patches + text)
+        vision, vl, image_out = VISION_EXPERT[:-1], VL_EXPERT[:-1], EXPERT[:-1]
+
+        def parts(*groups: tuple[torch.Tensor, slice, str | None]) -> Route:
+            out = []
+            for mask, cols, name in groups:
+                sel = select_rows(mask)
+                if sel is not False and cols.stop > cols.start:
+                    out.append((slice(None) if sel is True else sel, cols, name))
+            return out
+
+        by_position = ~code & ~fused
+        plain = parts((~code, patch_cols, vision), (~code, text_cols, None), (code, all_cols, image_out))
+        fusion = parts(
+            (by_position, patch_cols, vision),
+            (by_position, text_cols, None),
+            (fused, all_cols, vl),
+            (code, all_cols, image_out),
+        )
+        return plain, fusion
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -527,7 +688,8 @@ class Encoder(Stack):
         image_codes: torch.Tensor | None = None,
         code_mask: torch.Tensor | None = None,
     ) -> EncoderOutput:
-        """`code_mask` [B]: rows whose decoder writes image codes (the `image_expert`'s rows)."""
+        """`code_mask` [B]: rows whose decoder writes image codes (the `image_expert`'s rows).
+        `input_ids` may have no columns (an image alone, `OFAModel.embed`)."""
         cfg, (B, L) = self.cfg, input_ids.shape
         if cfg.max_positions < L:
             raise ValueError(f"source has {L} tokens; this model takes at most {cfg.max_positions}")
@@ -553,6 +715,9 @@ class Encoder(Stack):
             x = x * (~padding).unsqueeze(-1).type_as(x)
         S, N = x.size(1), x.size(1) - L
         abs_bias = position_bias(self.pos_q_linear, self.pos_k_linear, pos[:1], pos[:1], cfg.encoder_heads)
+        plain = fusion = None
+        if cfg.modality_experts:
+            plain, fusion = self.routes(B, N, L, patch_masks if N else None, image_rows)
         for i, layer in enumerate(self.layers):
             rel = abs_bias.new_zeros(cfg.encoder_heads, S, S)
             rel[:, N:, N:] = relative_bias(self.token_rel_pos_table_list[i], self.token_rp_bucket[:L, :L])
@@ -562,7 +727,7 @@ class Encoder(Stack):
             bias = abs_bias + rel
             if has_pads:
                 bias = masked(bias, padding[:, None, None, :])
-            x = layer(x, bias, image_rows)
+            x = layer(x, bias, image_rows, fusion if layer.vl_ffn is not None else plain)
         return EncoderOutput(self.layer_norm(x), padding, pos, code_mask)
 
 
@@ -586,9 +751,10 @@ class Decoder(Stack):
         )
 
     def position_biases(
-        self, image: bool, past: int, total: int, enc: EncoderOutput
+        self, image: bool, past: int, total: int, enc: EncoderOutput, cross_keys: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Self- and cross-attention absolute biases for steps past..total-1 (text or code positions)."""
+        """Self- and cross-attention absolute biases for steps past..total-1 (text or code positions);
+        `cross_keys`: `position_keys` of the encoder positions, where the cache has them."""
         if image:
             if total > self.image_position_idx.numel():
                 raise ValueError(f"code output of {total} steps exceeds the code position table")
@@ -598,14 +764,25 @@ class Decoder(Stack):
         heads = self.cfg.decoder_heads
         self_bias = position_bias(self.self_pos_q_linear, self.self_pos_k_linear, tgt[past:], tgt, heads)
         cross_bias = position_bias(
-            self.cross_pos_q_linear, self.cross_pos_k_linear, tgt[past:], enc.pos_embed, heads
+            self.cross_pos_q_linear, self.cross_pos_k_linear, tgt[past:], enc.pos_embed, heads, cross_keys
         )
         return self_bias.unsqueeze(0), cross_bias
+
+    def encoder_side(self, enc: EncoderOutput, cache: KVCache) -> None:
+        """Fill `cache` with what depends on `enc` alone: per layer the cross-attention keys/values
+        and the keys of the cross-attention position bias."""
+        if not cache.for_source(enc):
+            cache.cross_kv = [layer.cross_attn.project_kv(enc.hidden) for layer in self.layers]
+            cache.source = enc
+        if cache.cross_pos_k is None and self.cross_pos_k_linear is not None:
+            cache.cross_pos_k = position_keys(self.cross_pos_k_linear, enc.pos_embed, self.cfg.decoder_heads)
 
     def forward(
         self, tokens: torch.Tensor, enc: EncoderOutput, cache: KVCache | None, use_cache: bool
     ) -> tuple[torch.Tensor, KVCache | None]:
         cfg, (B, T) = self.cfg, tokens.shape
+        if cache is not None and not use_cache:
+            raise ValueError("use_cache=False decodes from the start: pass no cache")
         past = cache.length if cache is not None else 0
         total = past + T
         if total > cfg.max_positions:
@@ -627,9 +804,13 @@ class Decoder(Stack):
             x = self.layernorm_embedding(x)
         x = self.dropout(x)
 
-        self_abs, cross_abs = self.position_biases(all_code, past, total, enc)
+        if use_cache:
+            cache = cache if cache is not None else KVCache([], [], 0)
+            self.encoder_side(enc, cache)
+        cross_keys = cache.cross_pos_k if cache is not None else None
+        self_abs, cross_abs = self.position_biases(all_code, past, total, enc, cross_keys)
         if any_code and not all_code:
-            img_self, img_cross = self.position_biases(True, past, total, enc)
+            img_self, img_cross = self.position_biases(True, past, total, enc, cross_keys)
             sel = code[:, None, None, None]
             self_abs, cross_abs = torch.where(sel, img_self, self_abs), torch.where(sel, img_cross, cross_abs)
         cross_bias = (
@@ -641,7 +822,6 @@ class Decoder(Stack):
         text_buckets = self.token_rp_bucket[past:total, :total]
         code_ids = self.image_position_idx[:total] if any_code else None
 
-        new_cache = KVCache([], [], total) if use_cache else None
         for i, layer in enumerate(self.layers):
             rel = None
             if not all_code:
@@ -656,14 +836,26 @@ class Decoder(Stack):
                 self_bias = masked(self_bias, causal)
             if self_bias.size(0) != B:
                 self_bias = self_bias.expand(B, -1, -1, -1)
-            past_kv = cache.self_kv[i] if cache is not None else None
             cross_kv = cache.cross_kv[i] if cache is not None else layer.cross_attn.project_kv(enc.hidden)
-            x, self_kv = layer(x, self_bias, past_kv, cross_bias, cross_kv, rows)
-            if new_cache is not None:
-                new_cache.self_kv.append(self_kv)
-                new_cache.cross_kv.append(cross_kv)
-        logits = F.linear(self.layer_norm(x), self.embed_tokens.weight)
-        return logits, new_cache
+            x = layer(x, self_bias, cross_bias, cross_kv, cache, i, rows)
+        if cache is not None:
+            cache.length = total
+        return self.output_projection(self.layer_norm(x)), cache
+
+    def output_projection(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits over the tied embedding. Without autograd, from a contiguous [d, vocab] copy of the
+        weight: one step's [B, d] @ [d, V] streams it at about twice F.linear's speed on CPU (its
+        gemv over [V, d] rows reads ~7.5 GB/s; bench/README.md). The copy is remade whenever the
+        weight changes (an optimizer step or a load bumps its version)."""
+        weight = self.embed_tokens.weight
+        if torch.is_grad_enabled() and weight.requires_grad:
+            return F.linear(x, weight)
+        key = (weight.data_ptr(), weight._version, weight.device, weight.dtype)
+        if getattr(self, "_out_key", None) != key:
+            with torch.no_grad():
+                self._out_weight_t = weight.detach().t().contiguous()
+            self._out_key = key
+        return x @ self._out_weight_t
 
 
 class OFAModel(nn.Module):
@@ -675,6 +867,10 @@ class OFAModel(nn.Module):
         embed_tokens = nn.Embedding(config.vocab_size, config.d_model, padding_idx=PAD_ID)
         self.encoder = Encoder(config, embed_tokens)
         self.decoder = Decoder(config, embed_tokens)
+        if config.itc_dim:  # the retrieval head (`embed`): one projection per modality, CLIP's temperature
+            self.itc_image_proj = nn.Linear(config.d_model, config.itc_dim, bias=False)
+            self.itc_text_proj = nn.Linear(config.d_model, config.itc_dim, bias=False)
+            self.itc_logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         self.apply(self._init_weights)
         for table in [
             *self.encoder.token_rel_pos_table_list,
@@ -712,7 +908,9 @@ class OFAModel(nn.Module):
     def decode(
         self, tokens: torch.Tensor, enc: EncoderOutput, cache: KVCache | None = None, use_cache: bool = True
     ) -> tuple[torch.Tensor, KVCache | None]:
-        """Logits for `tokens`, which continue after `cache.length` positions (from 0 without a cache)."""
+        """Logits for `tokens`, which continue after `cache.length` positions (from 0 without a cache).
+        The cache is advanced in place and returned (a new one without `cache`; None with
+        `use_cache=False`)."""
         return self.decoder(tokens, enc, cache, use_cache)
 
     def forward(
@@ -728,8 +926,58 @@ class OFAModel(nn.Module):
         logits, _ = self.decode(decoder_input_ids, enc, use_cache=False)
         return logits, enc
 
+    @property
+    def has_retrieval(self) -> bool:
+        """Whether `embed` works (a retrieval head, `itc_dim` > 0)."""
+        return self.config.itc_dim > 0
+
+    def embed(
+        self,
+        input_ids: torch.Tensor | None = None,
+        patch_images: torch.Tensor | None = None,
+        patch_masks: torch.Tensor | None = None,
+        image_codes: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """[B, itc_dim] unit-norm retrieval embeddings of texts (`input_ids`, PAD_ID-padded) or of
+        images, exactly one of the two: the encoder reads that modality alone (with `modality_experts`
+        only its own expert runs), its output is mean-pooled over the non-pad positions and projected
+        per modality. Mean rather than a first position: there is no CLS token, an image alone has no
+        bos, and a fine-tuned checkpoint's mean already summarises the whole input."""
+        if not self.has_retrieval:
+            raise ValueError("this model has no retrieval head (itc_dim=0)")
+        if (input_ids is None) == (patch_images is None):
+            raise ValueError("embed takes exactly one of input_ids (texts) and patch_images (images)")
+        if input_ids is not None:
+            enc, proj = self.encoder(input_ids), self.itc_text_proj
+        else:
+            no_text = torch.empty(len(patch_images), 0, dtype=torch.long, device=patch_images.device)
+            enc, proj = self.encoder(no_text, patch_images, patch_masks, image_codes), self.itc_image_proj
+        keep = (~enc.padding_mask).unsqueeze(-1).type_as(enc.hidden)
+        pooled = (enc.hidden * keep).sum(1) / keep.sum(1).clamp(min=1)
+        return F.normalize(proj(pooled), dim=-1)
+
+    def itc_scale(self) -> torch.Tensor:
+        """The contrastive logits' scale: exp of the learned log scale, clamped at 100 (CLIP)."""
+        return self.itc_logit_scale.exp().clamp(max=100)
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def itc_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric in-batch InfoNCE (CLIP, VLMo's ITC): row i's image and text are a pair, every other
+    row of the batch is a negative, in both directions."""
+    logits = logit_scale * image_emb @ text_emb.T
+    target = torch.arange(len(logits), device=logits.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+def in_batch_recall(image_emb: torch.Tensor, text_emb: torch.Tensor) -> float:
+    """Recall@1 of in-batch retrieval, both directions averaged (chance: 1 / batch)."""
+    sims = image_emb @ text_emb.T
+    target = torch.arange(len(sims), device=sims.device)
+    hits = (sims.argmax(1) == target).float().mean() + (sims.argmax(0) == target).float().mean()
+    return float(hits) / 2
 
 
 # ---------------------------------------------------------------------------------------------

@@ -159,6 +159,16 @@ def mask_span(text: str, rng: random.Random, ratio: float = 0.3) -> str:
     return " ".join([*words[:start], "<mask>", *words[start + n :]])
 
 
+def prefix_split(text: str, rng: random.Random) -> tuple[str, str]:
+    """`text` cut at a random word boundary into a non-empty prefix and suffix (SimVLM's PrefixLM):
+    `prefix + " " + suffix` is the text, single-spaced."""
+    words = _clean(text).split()
+    if len(words) < 2:
+        raise ValueError(f"a prefix/suffix split needs at least 2 words, got {text!r}")
+    cut = rng.randint(1, len(words) - 1)
+    return " ".join(words[:cut]), " ".join(words[cut:])
+
+
 # ---------------------------------------------------------------------------------------------------
 # The base task
 
@@ -293,6 +303,40 @@ class TextInfillingTask(TextTask):
     def evaluate(self, predictions: Sequence[dict | None], records: Sequence[Record]) -> dict[str, float]:
         preds = [_field(p, "text", "") for p in predictions]
         return {"exact_match": metrics.exact_match(preds, [r["text"] for r in records])}
+
+
+class PrefixLMTask(TextTask):
+    """SimVLM's PrefixLM: the encoder reads the image (if any) and a text's first words, the decoder
+    writes the rest. The cut is seeded by the text (or the record's `split_seed`), so a record always
+    gives the same source and target."""
+
+    def split(self, record: Record) -> tuple[str, str]:
+        self._require(record, ["text"])
+        seed = record.get("split_seed", zlib.crc32(_clean(record["text"]).encode("utf-8")))
+        return prefix_split(record["text"], random.Random(seed))
+
+    def template_values(self, record: Record, size: Size, vocab: Vocab) -> dict[str, str]:
+        return {"prefix": self.split(record)[0]}
+
+    def target(self, record: Record, size: Size, vocab: Vocab, rng: random.Random | None = None) -> str:
+        return answer_text(self.split(record)[1])
+
+    def evaluate(self, predictions: Sequence[dict | None], records: Sequence[Record]) -> dict[str, float]:
+        preds = [_field(p, "text", "") for p in predictions]
+        return {"exact_match": metrics.exact_match(preds, [self.split(r)[1] for r in records])}
+
+
+class ContrastiveTask(Task):
+    """Image-text contrastive learning (VLMo's ITC): the record's image and its `text` are a pair, the
+    other pairs of a batch its negatives. The source is the text alone, encoded as retrieval queries
+    are (`OFAModel.embed(input_ids=vocab.encode(text))`); there is no decoder target, so nothing is
+    generated or parsed: the trainer scores pairs with `model.itc_loss` and `in_batch_recall`."""
+
+    def target(self, record: Record, size: Size, vocab: Vocab, rng: random.Random | None = None) -> str:
+        return ""
+
+    def parse(self, tokens: Sequence[int], vocab: Vocab, size: Size, record: Record | None = None) -> dict:
+        raise ParseError(f"{self.name} writes no tokens; embed the image and the text (OFAModel.embed)")
 
 
 class VQATask(Task):
@@ -571,6 +615,8 @@ for _task in (
     TextInfillingTask("text_infilling"),
     ClassificationTask("visual_entailment"),
     ClassificationTask("qa_matching"),
+    PrefixLMTask("prefix_lm"),
+    ContrastiveTask("itc"),
 ):
     register(_task)
 

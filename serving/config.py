@@ -44,6 +44,9 @@ class ServeConfig:
     max_new_tokens: int = _opt(256, "largest max_new_tokens a request may ask for")
     max_beam_size: int = _opt(8, "largest beam_size a request may ask for")
     max_candidates: int = _opt(100, "most candidate answers in one request")
+    max_retrieval_texts: int = _opt(1000, "most candidate texts in one /v1/retrieval request")
+    max_retrieval_images: int = _opt(64, "most candidate images in one /v1/retrieval request")
+    max_rerank: int = _opt(50, "largest rerank (ITM re-scored candidates) a retrieval may ask for")
     # OpenAI-compatible chat API
     model_name: str = _opt(
         "", "model id in /v1/models and chat requests; '' = the checkpoint's directory name"
@@ -66,11 +69,19 @@ class ServeConfig:
             "max_new_tokens",
             "max_beam_size",
             "max_candidates",
+            "max_retrieval_texts",
+            "max_retrieval_images",
         )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("batch_window_ms", "max_queue_depth", "retry_after_s", "shutdown_timeout_s"):
+        for name in (
+            "batch_window_ms",
+            "max_queue_depth",
+            "retry_after_s",
+            "shutdown_timeout_s",
+            "max_rerank",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("request_timeout_s", "image_fetch_timeout_s"):

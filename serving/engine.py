@@ -11,6 +11,10 @@ request that has already streamed tokens fails instead: a retry would send them 
 
 Streaming (`stream`): the request queues, batches and times out like any other; the worker thread
 hands each decoded token to the event loop as it is chosen, and the caller iterates them.
+
+Jobs (`call`: embeddings, retrieval) take the same queue, limits and worker thread, one job per
+turn in arrival order, so the model is never run from two threads. A job that times out stops being
+waited for; once it has started on the worker it runs to its end (it cannot be interrupted).
 """
 
 from __future__ import annotations
@@ -21,15 +25,17 @@ import dataclasses
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 from ofa_unified.inference import Request
 from serving.config import ServeConfig
 from serving.telemetry import ServeMetrics
 
 logger = logging.getLogger("serving.engine")
+T = TypeVar("T")
 
 
 class EngineError(Exception):
@@ -55,8 +61,15 @@ class PredictorLike(Protocol):
     vq: Any
     image_size: int
     model: Any
+    has_retrieval: bool
 
     def predict(self, requests: list[Request]) -> list[dict]: ...
+
+    def embed_images(self, images: list[Any]) -> Any: ...
+
+    def embed_texts(self, texts: list[str]) -> Any: ...
+
+    def rank(self, query: Any, candidates: list[Any], rerank: int = 0) -> list[dict]: ...
 
 
 class EngineClient(Protocol):
@@ -70,6 +83,8 @@ class EngineClient(Protocol):
     async def generate(self, request: Request, timeout: float) -> dict: ...
 
     def stream(self, request: Request, timeout: float) -> EngineStream: ...
+
+    async def call(self, job: Callable[[], T], timeout: float) -> T: ...
 
 
 class Progress(NamedTuple):
@@ -102,11 +117,12 @@ _END = object()  # a stream's last event: its future is done
 
 @dataclass(eq=False)
 class _Item:
-    request: Request
+    request: Request | None  # None for a job
     future: asyncio.Future
     listener: _Listener
     events: asyncio.Queue | None = None  # Progress events, then _END (streaming requests)
     enqueued: float = field(default_factory=time.perf_counter)
+    job: Callable[[], Any] | None = None  # run alone on the worker thread instead of a request
 
 
 class EngineStream:
@@ -181,7 +197,14 @@ class BatchingEngine:
     async def generate(self, request: Request, timeout: float) -> dict:
         """Queue one request and wait for its result; raises EngineError subclasses or the
         exception the predictor raised for this request (ValueError for bad input)."""
-        item = self._enqueue(request, streaming=False)
+        return await self._wait(self._enqueue(request, streaming=False), timeout)
+
+    async def call(self, job: Callable[[], T], timeout: float) -> T:
+        """Queue `job` (model work that is not a generate request: embeddings, retrieval) to run
+        alone on the worker thread; its return value, or what it raised, with generate's refusals."""
+        return await self._wait(self._enqueue(None, streaming=False, job=job), timeout)
+
+    async def _wait(self, item: _Item, timeout: float) -> Any:
         try:
             return await asyncio.wait_for(item.future, timeout)
         except asyncio.TimeoutError:
@@ -194,7 +217,9 @@ class BatchingEngine:
         queue full) raise here; the rest comes from iterating the stream."""
         return EngineStream(self, self._enqueue(request, streaming=True), timeout)
 
-    def _enqueue(self, request: Request, streaming: bool) -> _Item:
+    def _enqueue(
+        self, request: Request | None, streaming: bool, job: Callable[[], Any] | None = None
+    ) -> _Item:
         if not self._accepting:
             raise ShuttingDownError("the server is shutting down")
         if len(self._pending) >= self.max_queue_depth:
@@ -202,7 +227,8 @@ class BatchingEngine:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue | None = asyncio.Queue() if streaming else None
         listener = _Listener(loop, events)
-        item = _Item(dataclasses.replace(request, listener=listener), loop.create_future(), listener, events)
+        request = None if request is None else dataclasses.replace(request, listener=listener)
+        item = _Item(request, loop.create_future(), listener, events, job=job)
         if events is not None:
             # Done callbacks run after the tokens the worker posted before finishing: _END comes last.
             item.future.add_done_callback(lambda _: events.put_nowait(_END))
@@ -227,7 +253,7 @@ class BatchingEngine:
             while not self._pending:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            if self.window > 0 and len(self._pending) < self.max_batch_size:
+            if self.window > 0 and len(self._pending) < self.max_batch_size and self._pending[0].job is None:
                 deadline = time.perf_counter() + self.window
                 while len(self._pending) < self.max_batch_size:
                     remaining = deadline - time.perf_counter()
@@ -238,17 +264,46 @@ class BatchingEngine:
                         await asyncio.wait_for(self._wakeup.wait(), remaining)
                     except asyncio.TimeoutError:
                         break
-            batch = [self._pending.popleft() for _ in range(min(self.max_batch_size, len(self._pending)))]
+            batch = self._take()
             self.metrics.queue_depth.set(len(self._pending))
             batch = [item for item in batch if not item.future.done()]
             try:
-                if batch:
+                if batch and batch[0].job is not None:
+                    await self._run_job(batch[0])
+                elif batch:
                     await self._run(batch)
             except Exception as e:  # keep the loop alive whatever happens to one batch
                 logger.exception("batch failed")
                 for item in batch:
                     if not item.future.done():
                         item.future.set_exception(e)
+
+    def _take(self) -> list[_Item]:
+        """The next turn: a job alone, or up to max_batch_size requests (stopping at a job)."""
+        if self._pending and self._pending[0].job is not None:
+            return [self._pending.popleft()]
+        batch: list[_Item] = []
+        while self._pending and len(batch) < self.max_batch_size and self._pending[0].job is None:
+            batch.append(self._pending.popleft())
+        return batch
+
+    async def _run_job(self, item: _Item) -> None:
+        assert item.job is not None
+        loop = asyncio.get_running_loop()
+        self.metrics.queue_wait.observe(time.perf_counter() - item.enqueued)
+        self._running = 1
+        self.metrics.running.set(1)
+        try:
+            result = await loop.run_in_executor(self._executor, item.job)
+        except Exception as e:
+            if not item.future.done():
+                item.future.set_exception(e)
+            return
+        finally:
+            self._running = 0
+            self.metrics.running.set(0)
+        if not item.future.done():
+            item.future.set_result(result)
 
     async def _run(self, batch: list[_Item]) -> None:
         loop = asyncio.get_running_loop()

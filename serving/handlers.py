@@ -5,9 +5,10 @@ the engine client and shape the result. Knows nothing about HTTP beyond the stat
 Error mapping (every refusal is a `ServingError` with a JSON body naming the limit):
 413 too many bytes / pixels; 415 not an image or an unsupported one; 422 invalid input (empty
 instruction, unknown task, missing field, bad box, too many candidates, options over a limit,
-truncated or corrupt image); 501 image output without a VQ tokenizer; 503 (+ Retry-After) not ready,
-queue full or shutting down; 504 timeout. The chat API (serving/chat.py) adds 404 for a model id
-that is not served, and refuses http(s) image URLs unless `fetch_image_urls` is on.
+truncated or corrupt image, embeddings or retrieval on a model without a retrieval head); 501 image
+output without a VQ tokenizer; 503 (+ Retry-After) not ready, queue full or shutting down; 504
+timeout. The chat API (serving/chat.py) adds 404 for a model id that is not served, and refuses
+http(s) image URLs unless `fetch_image_urls` is on.
 
 A streamed request (`stream`) passes the same checks and the same queue, and is answered with a
 status only once its first token (or, for beam search, its whole answer) is there, so every refusal
@@ -31,6 +32,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +46,7 @@ from ofa_unified.data.preprocess import (
     load_image,
 )
 from ofa_unified.generate import GenerationConfig
-from ofa_unified.inference import FREE_DEFAULTS, VQ_DIR, Request, split_options
+from ofa_unified.inference import FREE_DEFAULTS, NO_RETRIEVAL_HEAD, VQ_DIR, Request, split_options
 from ofa_unified.tasks import Task, UnknownTaskError, get_task, instruction_source, list_tasks, load_templates
 from ofa_unified.vocab import TokenizerMissingError
 from serving import protocol as p
@@ -63,7 +65,8 @@ from serving.telemetry import ServeMetrics
 
 logger = logging.getLogger("serving.handlers")
 
-# Task name -> its endpoint; qa_matching has none (it runs on /v1/generate).
+# Task name -> its endpoint; tasks without one run on /v1/generate. itc decodes nothing: its pairs
+# are what /v1/retrieval ranks (and it is refused on /v1/generate).
 TASK_ENDPOINTS = {
     "caption": "/v1/caption",
     "vqa": "/v1/vqa",
@@ -75,6 +78,7 @@ TASK_ENDPOINTS = {
     "image_infilling": "/v1/image-infilling",
     "text_to_image": "/v1/image-generation",
     "visual_entailment": "/v1/visual-entailment",
+    "itc": "/v1/retrieval",
 }
 # Record fields a client may give on /v1/generate beyond the task's template fields.
 OPTIONAL_FIELDS = {"text_infilling": ("masked_text",)}
@@ -259,6 +263,12 @@ class Handlers:
                 f"task {task.name} writes an image, but this checkpoint has no VQ tokenizer "
                 f"('{VQ_DIR}/' inside the checkpoint directory)",
                 type="not_implemented",
+            )
+        if task is not None and task.output == "embedding":
+            raise ServingError(
+                422,
+                f"task {task.name} embeds an image and a text and decodes nothing: "
+                f"POST {TASK_ENDPOINTS[task.name]} (or /v1/embeddings)",
             )
         if task is not None and check_fields:
             allowed = (*task.fields, *OPTIONAL_FIELDS.get(task.name, ()))
@@ -473,8 +483,8 @@ class Handlers:
             422, f"fetching the image from {host} failed: {why}", type="image_fetch_failed", param="messages"
         )
 
-    def _decode(self, data: bytes) -> Image.Image:
-        limit = self.config.max_image_pixels
+    def _decode(self, data: bytes, max_pixels: int | None = None) -> Image.Image:
+        limit = self.config.max_image_pixels if max_pixels is None else max_pixels
         try:
             return load_image(data, max_pixels=limit)
         except ImageTooLargeError as e:
@@ -483,6 +493,21 @@ class Handlers:
             raise ServingError(415, f"unsupported image: {e}", type="unsupported_media_type") from None
         except ImageDecodeError as e:
             raise ServingError(422, f"cannot decode the image: {e}", type="invalid_image") from None
+
+    def _decode_all(self, images: Sequence[bytes | str]) -> list[Image.Image]:
+        """Candidate images, decoded; together within max_image_pixels (one upload's budget, so that
+        many small files cannot decode into gigabytes). Errors name the image at fault."""
+        budget = self.config.max_image_pixels
+        out = []
+        for i, image in enumerate(images):
+            try:
+                pil = self._decode(self._image_bytes(image), max_pixels=budget)
+            except ServingError as e:
+                e.message, e.param = f"images[{i}]: {e.message}", f"images[{i}]"
+                raise
+            budget -= pil.width * pil.height
+            out.append(pil)
+        return out
 
     @staticmethod
     def _check_box(box: Any, size: tuple[int, int]) -> list[float]:
@@ -517,15 +542,17 @@ class Handlers:
                 source = instruction_source(instruction or "")
         except (KeyError, ValueError) as e:
             raise ServingError(422, str(e).strip("'\"")) from None
+        self._check_tokens(predictor, source, "the instruction")
+
+    def _check_tokens(self, predictor: Any, text: str, name: str) -> None:
+        """Refuse a text that encodes to more than max_instruction_tokens."""
         try:
-            n = len(predictor.vocab.encode(source))
+            n = len(predictor.vocab.encode(text))
         except TokenizerMissingError as e:  # official weights loaded without their tokenizer files
             raise ServingError(501, str(e)) from None
         limit = self.config.max_instruction_tokens
         if n > limit:
-            raise limit_error(
-                422, "max_instruction_tokens", f"the instruction is {n} tokens; at most {limit}"
-            )
+            raise limit_error(422, "max_instruction_tokens", f"{name} is {n} tokens; at most {limit}")
 
     @contextlib.contextmanager
     def engine_errors(self) -> Iterator[None]:
@@ -565,6 +592,85 @@ class Handlers:
             return Outcome(result, size)
         return Outcome(result, size, await asyncio.to_thread(png_bytes, image), image.size)
 
+    # -- /v1/embeddings and /v1/retrieval ---------------------------------------------------------
+
+    def retrieval_engine(self) -> EngineClient:
+        """The engine, if its model has a retrieval head (422 otherwise: no checkpoint change helps
+        the request itself, as with any other input the model cannot take)."""
+        engine = self.engine()
+        if not engine.predictor.has_retrieval:
+            raise ServingError(
+                422,
+                f"{NO_RETRIEVAL_HEAD}: embeddings and retrieval need a checkpoint trained with one",
+                type="no_retrieval_head",
+            )
+        return engine
+
+    async def embed(self, body: p.EmbeddingRequest, image: bytes | str | None) -> p.EmbeddingResponse:
+        engine = self.retrieval_engine()
+        predictor = engine.predictor
+        if (image is None) == (body.text is None):
+            raise ServingError(422, "give exactly one of 'image' and 'text' to embed")
+        if body.text is not None:
+            self._check_texts(None, {"text": body.text}, None)
+            self._check_tokens(predictor, body.text, "text")
+            job = partial(predictor.embed_texts, [body.text])
+        else:
+            pil = await asyncio.to_thread(self._decode, self._image_bytes(image))
+            job = partial(predictor.embed_images, [pil])
+        with self.engine_errors():
+            vectors = await engine.call(job, self.config.request_timeout_s)
+        vector = vectors[0].tolist()
+        return p.EmbeddingResponse(
+            input="text" if image is None else "image", embedding=vector, dim=len(vector)
+        )
+
+    async def retrieve(
+        self, body: p.RetrievalRequest, image: bytes | str | None, images: list[bytes | str] | None
+    ) -> p.RetrievalResponse:
+        """An image query ranks `texts`, a text query ranks `images`; see RetrievalRequest."""
+        engine = self.retrieval_engine()
+        predictor, cfg = engine.predictor, self.config
+        if (image is None) == (body.text is None):
+            raise ServingError(
+                422, "give exactly one query: 'image' (ranks 'texts') or 'text' (ranks 'images')"
+            )
+        image_query = image is not None
+        given: dict[str, Sequence[Any] | None] = {"texts": body.texts, "images": images}
+        wanted, other = ("texts", "images") if image_query else ("images", "texts")
+        if given[other] is not None:
+            raise ServingError(
+                422, f"an {'image' if image_query else 'text'} query ranks '{wanted}', not '{other}'"
+            )
+        candidates = given[wanted]
+        if not candidates:
+            raise ServingError(422, f"no candidates: give a non-empty '{wanted}' list")
+        limit = "max_retrieval_texts" if image_query else "max_retrieval_images"
+        most = getattr(cfg, limit)
+        if len(candidates) > most:
+            raise limit_error(422, limit, f"{len(candidates)} candidate {wanted}; at most {most}")
+        if body.rerank > cfg.max_rerank:
+            raise limit_error(422, "max_rerank", f"rerank={body.rerank} is above {cfg.max_rerank}")
+        texts = {"text": body.text} if body.text is not None else {}
+        texts.update({f"texts[{i}]": t for i, t in enumerate(body.texts or ())})
+        self._check_texts(None, texts, None)
+        for name, text in texts.items():
+            self._check_tokens(predictor, text, name)
+        if image_query:
+            query: Any = await asyncio.to_thread(self._decode, self._image_bytes(image))
+            pool: list[Any] = list(candidates)
+        else:
+            query, pool = body.text, await asyncio.to_thread(self._decode_all, candidates)
+        with self.engine_errors():
+            ranked = await engine.call(
+                partial(predictor.rank, query, pool, body.rerank), cfg.request_timeout_s
+            )
+        return p.RetrievalResponse(
+            query="image" if image_query else "text",
+            reranked=min(body.rerank, len(pool)),
+            results=[p.RankedCandidate(**r) for r in ranked],
+        )
+
     # -- /v1/models --------------------------------------------------------------------------------
 
     def model_id(self) -> str:
@@ -583,6 +689,7 @@ class Handlers:
     def tasks(self) -> p.TaskList:
         engine = self.state.engine
         has_vq = engine is not None and engine.predictor.vq is not None
+        has_retrieval = engine is not None and engine.predictor.has_retrieval
         templates = load_templates()
         out = []
         for name in list_tasks():
@@ -596,7 +703,7 @@ class Handlers:
                     labels=list(spec["labels"]) if "labels" in spec else None,
                     template=spec["template"],
                     needs_image=needs_image(get_task(name)),
-                    available=spec["output"] != "codes" or has_vq,
+                    available={"codes": has_vq, "embedding": has_retrieval}.get(spec["output"], True),
                 )
             )
         return p.TaskList(tasks=out)

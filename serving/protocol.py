@@ -179,6 +179,47 @@ class GenerateRequest(ImageRequest):
         return dict(self.fields)
 
 
+class EmbeddingRequest(BaseModel):
+    """One image or one text to embed (give exactly one); needs a model with a retrieval head."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: str | None = Field(
+        None,
+        description="the image: base64 or a data: URI in JSON; a file field in multipart/form-data",
+    )
+    text: Text | None = Field(None, examples=["a large red circle"])
+
+
+class RetrievalRequest(BaseModel):
+    """Rank candidates against one query: an `image` and its candidate `texts`, or a `text` and its
+    candidate `images`; `rerank` re-scores the top k with the fusion model's image-text matching."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: str | None = Field(
+        None,
+        description="the query image: base64 or a data: URI in JSON; a file field in multipart/form-data",
+    )
+    text: Text | None = Field(None, description="the query text", examples=["a large red circle"])
+    texts: list[Text] | None = Field(
+        None,
+        description="candidate texts for an image query",
+        examples=[["a large red circle", "two blue squares"]],
+    )
+    images: list[str] | None = Field(
+        None,
+        description="candidate images for a text query: base64 or data: URIs in JSON; repeated file "
+        "fields in multipart/form-data",
+    )
+    rerank: int = Field(
+        0,
+        ge=0,
+        description="re-score the top k by embedding with the fusion model's ITM P('yes') and re-sort "
+        "them (0 = embedding scores only)",
+    )
+
+
 # ---------------------------------------------------------------------------------------------------
 # Responses
 
@@ -265,6 +306,31 @@ class GenerateResponse(ClosedSetOutput):
     image: str | None = Field(None, description="base64 PNG when the output is an image")
 
 
+class EmbeddingResponse(BaseModel):
+    input: Literal["image", "text"] = Field(description="what was embedded")
+    embedding: list[float] = Field(description="unit-length vector; compare two by their dot product")
+    dim: int
+
+
+class RankedCandidate(BaseModel):
+    index: int = Field(description="the candidate's position in the request's `texts` or `images`")
+    score: float = Field(description="what the order is by: itm_score when re-ranked, else embedding_score")
+    embedding_score: float = Field(description="cosine similarity of the query's and candidate's embeddings")
+    itm_score: float | None = Field(
+        None, description="the fusion model's P('yes') that image and text match (re-ranked ones only)"
+    )
+    text: str | None = Field(None, description="the candidate text (text candidates)")
+
+
+class RetrievalResponse(BaseModel):
+    query: Literal["image", "text"]
+    reranked: int = Field(
+        description="how many of the top results are ordered by itm_score; they come first, the rest "
+        "follow by embedding_score"
+    )
+    results: list[RankedCandidate] = Field(description="every candidate, best first")
+
+
 class GenerateDelta(BaseModel):
     """A streamed /v1/generate event: text the model wrote since the last delta."""
 
@@ -282,7 +348,7 @@ class GenerateResult(BaseModel):
 class TaskInfo(BaseModel):
     name: str
     endpoint: str | None = Field(
-        description="the task's own endpoint (every task also works on /v1/generate)"
+        description="the task's own endpoint (every task but itc also works on /v1/generate)"
     )
     fields: list[str]
     output: str
@@ -290,7 +356,7 @@ class TaskInfo(BaseModel):
     template: str
     needs_image: bool
     available: bool = Field(
-        description="false when the task needs a part this checkpoint lacks (VQ tokenizer)"
+        description="false when the task needs a part this checkpoint lacks (VQ tokenizer, retrieval head)"
     )
 
 

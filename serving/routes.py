@@ -1,9 +1,10 @@
 """HTTP wiring only: read the body (JSON or multipart), call a handler, return its model.
 
 Every image endpoint accepts `application/json` (image as base64 or a data: URI) and
-`multipart/form-data` (image as a file), so the body is read by hand and documented through
-`openapi_extra`; the logic lives in handlers.py. The OpenAI-compatible routes (/v1/chat/completions,
-/v1/models) take JSON only, as OpenAI's API does; their logic lives in chat.py.
+`multipart/form-data` (image as a file; /v1/retrieval's candidate `images` as repeated files), so
+the body is read by hand and documented through `openapi_extra`; the logic lives in handlers.py.
+The OpenAI-compatible routes (/v1/chat/completions, /v1/models) take JSON only, as OpenAI's API
+does; their logic lives in chat.py.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from serving.streaming import SSE_DONE, SSE_HEADERS, sse_data
 
 router = APIRouter()
 OutputFormat = Literal["json", "png"]
+UPLOAD_FIELDS = ("image", "images")  # files in multipart, base64 / data: URIs in JSON
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": p.ErrorResponse, "description": "the body cannot be parsed (malformed multipart or JSON)"},
@@ -89,19 +91,27 @@ def _form_value(model: type[BaseModel], key: str, values: list[Any]) -> Any:
 
 async def read_body(request: Request, model: type[BaseModel]) -> tuple[Any, bytes | str | None]:
     """The validated request model and the raw image (upload bytes, or the JSON base64 string)."""
+    body, uploads = await read_uploads(request, model)
+    return body, uploads.get("image")
+
+
+async def read_uploads(request: Request, model: type[BaseModel]) -> tuple[Any, dict[str, Any]]:
+    """The validated request model and its raw images by field, for the fields `model` has: `image`
+    (upload bytes, or the JSON base64 string) and `images` (a list of those)."""
     ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
     if ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
         form = await request.form()
         try:
             data: dict[str, Any] = {}
-            image: bytes | str | None = None
+            uploads: dict[str, Any] = {}
             for key in dict.fromkeys(form.keys()):
                 values = form.getlist(key)
-                if key == "image" and "image" in model.model_fields:
-                    first = values[0]
-                    image = await first.read() if isinstance(first, UploadFile) else first
+                if key in UPLOAD_FIELDS and key in model.model_fields:
+                    read = [await v.read() if isinstance(v, UploadFile) else v for v in values]
+                    uploads[key] = read if key == "images" else read[0]
                     continue
-                value = "<file>" if key == "image" else _form_value(model, key, values)  # extra: refused
+                # a file field the model does not take is refused as an extra field
+                value = "<file>" if key in UPLOAD_FIELDS else _form_value(model, key, values)
                 info = model.model_fields.get(key)
                 if value == "" and info is not None and _kind(info.annotation) == "scalar":
                     continue  # an empty optional form field (as HTML forms send) means unset
@@ -109,7 +119,7 @@ async def read_body(request: Request, model: type[BaseModel]) -> tuple[Any, byte
         finally:
             await form.close()
         try:
-            return model.model_validate(data), image
+            return model.model_validate(data), uploads
         except ValidationError as e:
             raise h.validation_error(e.errors()) from None
     if ctype == "application/json" or ctype.endswith("+json"):
@@ -120,7 +130,7 @@ async def read_body(request: Request, model: type[BaseModel]) -> tuple[Any, byte
             body = model.model_validate_json(raw)
         except ValidationError as e:
             raise h.validation_error(e.errors()) from None
-        return body, getattr(body, "image", None)
+        return body, {k: getattr(body, k) for k in UPLOAD_FIELDS if k in model.model_fields}
     raise h.ServingError(
         415,
         f"unsupported Content-Type {ctype!r}: send application/json or multipart/form-data",
@@ -146,6 +156,12 @@ def body_doc(model: type[BaseModel]) -> dict[str, Any]:
         form = copy.deepcopy(schema)
         form["properties"] = {k: _form_field(v) for k, v in form["properties"].items()}
         form["properties"]["image"] = {"type": "string", "format": "binary", "description": "the image file"}
+        if "images" in form["properties"]:
+            form["properties"]["images"] = {
+                "type": "array",
+                "items": {"type": "string", "format": "binary"},
+                "description": "the candidate image files (the field repeated)",
+            }
         content["multipart/form-data"] = {"schema": form}
     return {"requestBody": {"required": True, "content": content}}
 
@@ -279,6 +295,41 @@ async def generate(request: Request) -> Any:
         return h.generate_response(await handlers.answer(admitted))
     results = await handlers.stream(admitted)
     return sse_response(request, _generate_events(results), lambda error: {"type": "error", **error})
+
+
+# ---------------------------------------------------------------------------------------------------
+# Retrieval (a model with a contrastive head, itc_dim > 0)
+
+
+@router.post(
+    "/v1/embeddings",
+    response_model=p.EmbeddingResponse,
+    responses=ERRORS,
+    openapi_extra=body_doc(p.EmbeddingRequest),
+    tags=["retrieval"],
+)
+async def embeddings(request: Request) -> p.EmbeddingResponse:
+    """The unit vector of one image or one text in the model's joint space (the dot product of two is
+    their cosine similarity). 422 on a model without a retrieval head (itc_dim=0)."""
+    body, image = await read_body(request, p.EmbeddingRequest)
+    return await _handlers(request).embed(body, image)
+
+
+@router.post(
+    "/v1/retrieval",
+    response_model=p.RetrievalResponse,
+    responses=ERRORS,
+    openapi_extra=body_doc(p.RetrievalRequest),
+    tags=["retrieval"],
+)
+async def retrieval(request: Request) -> p.RetrievalResponse:
+    """Rank candidates against one query by embedding similarity: an `image` and candidate `texts`
+    (at most max_retrieval_texts), or a `text` and candidate `images` (at most max_retrieval_images;
+    all images of one request within max_image_pixels together, and the body within the upload limit).
+    `rerank: k` re-scores the top k with the fusion model's image-text matching (ITM P('yes'), at most
+    max_rerank) and puts them first in that order. 422 on a model without a retrieval head."""
+    body, uploads = await read_uploads(request, p.RetrievalRequest)
+    return await _handlers(request).retrieve(body, uploads.get("image"), uploads.get("images"))
 
 
 @router.get("/v1/tasks", response_model=p.TaskList, tags=["generate"])

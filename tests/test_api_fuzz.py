@@ -1,15 +1,15 @@
 """Schemathesis over the app's own OpenAPI document, in-process (ASGI), against a micro random-weight
-checkpoint with a VQ tokenizer. Per operation, a bounded and derandomized run (fixed seed): the
-schema's examples, the coverage phase (each field's edge values, every wrong type, other methods)
-and 25 fuzzed cases; no response may be a 5xx, and each must match what the schema declares (status
-code, content type, headers, body).
+checkpoint with a VQ tokenizer and a retrieval head. Per operation, a bounded and derandomized run
+(fixed seed): the schema's examples, the coverage phase (each field's edge values, every wrong type,
+other methods) and 25 fuzzed cases; no response may be a 5xx, and each must match what the schema
+declares (status code, content type, headers, body).
 
 Random strings are almost never images, so the fuzzer alone would stop at the input checks (422).
 The `flatmap_case` hook offers each fuzzed case either unchanged or with what the schema cannot
 say: a decodable image (a file in multipart, base64 or a data: URI in JSON), a box inside it, one of
-instruction/task, and for the chat API the served model id and a single user turn with an image.
-Every POST operation must see a 200 (a request the model answered). `pytest -s` prints each
-operation's status codes.
+instruction/task, candidate texts for retrieval's image query, and for the chat API the served model
+id and a single user turn with an image. Every POST operation must see a 200 (a request the model
+answered). `pytest -s` prints each operation's status codes.
 """
 
 from __future__ import annotations
@@ -95,6 +95,13 @@ def repaired(case: Case, image_form: str | None) -> Case:
         body["image"] = PNG if multipart else PNG_B64 if image_form == "base64" else DATA_URI
     if path == "/v1/grounded-caption":
         body["box"] = BOX
+    if path == "/v1/embeddings":  # exactly one input: the image
+        body.pop("text", None)
+    if path == "/v1/retrieval":  # an image query ranks texts
+        body = {k: v for k, v in body.items() if k not in ("text", "images")}
+        texts = body.get("texts")
+        if not (isinstance(texts, list) and texts and all(isinstance(t, str) and t.strip() for t in texts)):
+            body["texts"] = ["a red circle", "two blue squares"]
     if path == "/v1/generate":  # a free instruction (a random task name is never one)
         body = {k: v for k, v in body.items() if k not in ("task", "fields")}
         body["instruction"] = body.get("instruction") or "what is in the image?"
@@ -110,7 +117,7 @@ def flatmap_case(context: HookContext, case: Case) -> st.SearchStrategy[Case]:
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory: pytest.TempPathFactory) -> FastAPI:
-    checkpoint = build_micro_checkpoint(tmp_path_factory.mktemp("fuzz"))
+    checkpoint = build_micro_checkpoint(tmp_path_factory.mktemp("fuzz"), itc_dim=16)  # retrieval too
     return build_app(ServeConfig(**FUZZ_CONFIG), predictor=Predictor.from_checkpoint(checkpoint))
 
 

@@ -40,9 +40,10 @@ W, H = 100, 60  # a non-square upload, so a box in the wrong frame shows
 # Fixtures and helpers
 
 
-def build_micro_checkpoint(root: Path, with_vq: bool = True) -> Path:
+def build_micro_checkpoint(root: Path, with_vq: bool = True, **overrides) -> Path:
     """A random `micro` model with a SentencePiece vocabulary trained on shapes-world text (16 codes,
-    64 bins) and, optionally, a tiny random VQ tokenizer with a 16-code codebook under `vq/`."""
+    64 bins) and, optionally, a tiny random VQ tokenizer with a 16-code codebook under `vq/`;
+    `overrides` change the model config (e.g. `itc_dim` for a retrieval head)."""
     texts: list[str] = []
     for _, record in iter_samples("train", 8):
         texts += record.get("captions", [])
@@ -50,7 +51,7 @@ def build_micro_checkpoint(root: Path, with_vq: bool = True) -> Path:
     spm = train_sentencepiece(texts[:120], root / "spm", vocab_size=300)
     vocab = Vocab.from_sentencepiece(spm, num_codes=16, num_bins=64)
     torch.manual_seed(0)
-    ckpt = save_checkpoint(build_model("micro", vocab_size=len(vocab)), vocab, root / "micro")
+    ckpt = save_checkpoint(build_model("micro", vocab_size=len(vocab), **overrides), vocab, root / "micro")
     if with_vq:
         config = VQConfig(channels=8, num_res_blocks=0, patch_hidden=8, codebook_size=16, code_dim=8)
         VQTokenizer(config).save(ckpt / "vq")

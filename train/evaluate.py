@@ -9,6 +9,11 @@ trie-constrained over their labels, shapes VQA trie-constrained over the closed 
 Image tasks (needs a VQ tokenizer in the checkpoint) report code accuracy and PSNR of the
 generated region against the trivial mean-colour fill; text-to-image reports how often the
 model's own detector finds every object the caption names in the generated image.
+
+A model with a retrieval head (itc_dim > 0) also gets a `retrieval` entry (shapes world only):
+image->text and text->image recall@1/@5 by embedding similarity over pools of 100 scenes (each
+scene's first caption; chance R@1 is 0.01), averaged over the pools, and the same after re-ranking
+the top `--rerank` by the fusion model's ITM.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -28,15 +34,27 @@ from tqdm import tqdm
 
 from ofa_unified import metrics
 from ofa_unified.data.shapes import TASKS as SHAPES_TASKS
-from ofa_unified.data.shapes import VQA_ANSWERS, iter_samples, make_scene, render_images
+from ofa_unified.data.shapes import (
+    VQA_ANSWERS,
+    iter_samples,
+    make_scene,
+    record_rng,
+    render_images,
+    sample,
+    scene_records,
+)
 from ofa_unified.inference import Predictor, Request
 from ofa_unified.tasks import get_task, list_tasks
 
-# The tasks the shapes world gives ground truth for, split by whether the answer is an image.
+# The tasks the shapes world gives ground truth for, split by whether the answer is an image. The
+# contrastive pairs (itc, output "embedding") decode nothing: the `retrieval` entry scores them.
 IMAGE_TASKS = [t for t in SHAPES_TASKS if get_task(t).output == "codes"]
-TEXT_TASKS = [t for t in SHAPES_TASKS if t not in IMAGE_TASKS]
+EMBEDDING_TASKS = [t for t in SHAPES_TASKS if get_task(t).output == "embedding"]
+TEXT_TASKS = [t for t in SHAPES_TASKS if t not in IMAGE_TASKS + EMBEDDING_TASKS]
 # Fields that hold the answer: kept out of the request so the model cannot see them.
 ANSWER_FIELDS = {"captions", "answers", "label", "objects", "target_codes"}
+RETRIEVAL_POOL = 100  # scenes per retrieval pool: chance recall@1 is 1 / 100
+RECALL_AT = (1, 5)
 
 
 def collect(split: str, data: str | None, tasks: list[str], n: int, per_scene: int = 2) -> dict[str, list]:
@@ -140,6 +158,55 @@ def image_metrics(predictor: Predictor, task: str, pairs: list, results: list[di
     return {"objects_found": float(np.mean(found)) if found else 0.0, "generated": len(detections)}
 
 
+def retrieval_pool(split: str, start: int, size: int) -> tuple[list[Image.Image], list[str]]:
+    """Scenes start..start+size-1 of a split and each one's first caption."""
+    images, captions = [], []
+    for i in range(start, start + size):
+        image, scene = sample(split, i)
+        images.append(image)
+        captions.append(scene_records(scene, record_rng(scene.seed), tasks=["caption"])[0]["captions"][0])
+    return images, captions
+
+
+def recalls(orders: list[list[int]], hits: list[set[int]]) -> dict[str, float]:
+    """Recall@k: the share of queries with a right candidate among their first k."""
+    return {
+        f"r@{k}": float(np.mean([bool(set(o[:k]) & h) for o, h in zip(orders, hits, strict=True)]))
+        for k in RECALL_AT
+    }
+
+
+def pool_retrieval(predictor: Predictor, images: list[Image.Image], captions: list[str], rerank: int) -> dict:
+    """Both directions' recalls over one pool. A candidate is right when its caption is the query
+    scene's (two scenes may share a first caption: either image, or either copy of it, counts)."""
+    sims = predictor.embed_images(images) @ predictor.embed_texts(captions).T  # [image, text]
+    right = [{j for j, c in enumerate(captions) if c == caption} for caption in captions]
+    directions = {  # scores [query, candidate] and the (image, text) pair of a query and a candidate
+        "image_to_text": (sims, lambda q, c: (images[q], captions[c])),
+        "text_to_image": (sims.T, lambda q, c: (images[c], captions[q])),
+    }
+    out: dict = {}
+    for direction, (scores, pair) in directions.items():
+        ranked = [predictor.ranking(row.tolist()) for row in scores]
+        out[direction] = recalls([[r["index"] for r in rk] for rk in ranked], right)
+        if rerank:
+            reranked = [predictor.rerank(rk, rerank, partial(pair, q)) for q, rk in enumerate(ranked)]
+            out[f"{direction}_reranked"] = recalls([[r["index"] for r in rk] for rk in reranked], right)
+    return out
+
+
+def retrieval_metrics(predictor: Predictor, split: str, n: int, rerank: int) -> dict:
+    """Recalls averaged over n // 100 pools of 100 scenes (one pool of n when n < 100)."""
+    size = min(RETRIEVAL_POOL, n)
+    pools = [
+        pool_retrieval(predictor, *retrieval_pool(split, i * size, size), rerank) for i in range(n // size)
+    ]
+    report: dict = {"pool_size": size, "pools": len(pools), "chance_r@1": 1 / size, "rerank": rerank}
+    for key in pools[0]:
+        report[key] = {m: float(np.mean([p[key][m] for p in pools])) for m in pools[0][key]}
+    return report
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -158,6 +225,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--open-vqa", action="store_true", help="free VQA decoding (default: closed answer set)"
     )
+    parser.add_argument(
+        "--rerank",
+        type=int,
+        default=10,
+        help="retrieval: re-rank each query's top K by the fusion model's ITM (0 = off)",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
@@ -167,6 +240,8 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = sorted(set(tasks) - set(list_tasks()))
     if unknown:
         raise SystemExit(f"unknown tasks {unknown}; known: {', '.join(list_tasks())}")
+    if set(tasks) & set(EMBEDDING_TASKS):
+        raise SystemExit(f"{EMBEDDING_TASKS} decode nothing: the report's `retrieval` entry scores them")
     pairs = collect(args.split, args.data, tasks, args.n)
     if "text_to_image" in tasks and not args.data:
         # The caption names the scene's objects: keep them to check the generated image against.
@@ -198,6 +273,11 @@ def main(argv: list[str] | None = None) -> dict:
         scores["seconds"] = round(time.perf_counter() - start, 1)
         report["tasks"][task] = scores
         tqdm.write(f"{task}: {json.dumps(scores)}")
+    if predictor.has_retrieval and not args.data:
+        start = time.perf_counter()
+        report["retrieval"] = retrieval_metrics(predictor, args.split, args.n, args.rerank)
+        report["retrieval"]["seconds"] = round(time.perf_counter() - start, 1)
+        tqdm.write(f"retrieval: {json.dumps(report['retrieval'])}")
     text = json.dumps(report, indent=2)
     if args.out:
         args.out.write_text(text + "\n")

@@ -78,12 +78,13 @@ from ofa_unified.data.pipeline import (  # noqa: E402
     ShapesMultitask,
     build_shapes_vocab,
     collate,
+    contrastive,
     split_by_output,
 )
 from ofa_unified.diagnostics import cross_attention_entropy, position_bias_scale, rolled  # noqa: E402
 from ofa_unified.generate import generate  # noqa: E402
 from ofa_unified.inference import VQ_DIR  # noqa: E402  (where the Predictor looks for a tokenizer)
-from ofa_unified.model import PAD_ID, OFAModel, build_model  # noqa: E402
+from ofa_unified.model import PAD_ID, OFAModel, build_model, in_batch_recall, itc_loss  # noqa: E402
 from ofa_unified.tasks import ParseError, get_task  # noqa: E402
 from ofa_unified.vocab import CONFIG_FILE as VOCAB_CONFIG  # noqa: E402
 from ofa_unified.vocab import Vocab  # noqa: E402
@@ -381,9 +382,16 @@ class MultitaskRecipe:
         if mc.image_tokens and self.vq is None:
             raise ValueError("model option image_tokens reads images as VQ codes: give a tokenizer, --vq DIR")
         self.prompt = mc.prompt_type == "prev_output"
+        pairs = [t for t in self.tasks if contrastive(t)]
+        if pairs and not self.model.has_retrieval:
+            raise ValueError(f"tasks {pairs} train a retrieval head: give the model one (itc_dim=128)")
+        if pairs and self.world_size > 1:
+            raise ValueError(f"tasks {pairs} run OFAModel.embed, outside DDP's forward: train on one process")
         self.train_data = self._train_data()
         if self.is_main:
-            self.val_examples, self.generate_sets = self._eval_sets()
+            val, self.generate_sets = self._eval_sets()
+            self.val_pairs = [e for e in val if contrastive(e.task)]
+            self.val_examples = [e for e in val if not contrastive(e.task)]
 
         decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim >= 2]
         no_decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim < 2]
@@ -583,7 +591,7 @@ class MultitaskRecipe:
         cfg = self.cfg
         val = _materialise(self._eval_data(self.tasks, cfg.eval_samples)) if cfg.eval_samples else []
         sets = {}
-        for task in self.tasks if cfg.eval_generate else ():
+        for task in [t for t in self.tasks if not contrastive(t)] if cfg.eval_generate else ():
             try:
                 sets[task] = _materialise(self._eval_data({task: 1.0}, cfg.eval_generate))
             except ValueError as e:  # an eval source without this task
@@ -650,6 +658,21 @@ class MultitaskRecipe:
         per_token = self.loss(model, part, cfg.label_smoothing, reduction="none")
         return sample_means(per_token, part["labels"]).sum() / num_samples
 
+    def pair_loss(self, model: OFAModel, part: dict) -> tuple[torch.Tensor, float]:
+        """The contrastive loss (`itc_loss`) of a batch of image-text pairs, each side embedded alone
+        (`OFAModel.embed`), and its in-batch recall@1. It joins the micro-batch's token loss with
+        weight 1 (VLMo, ALBEF): the pairs' share of the mix sets how many negatives it sees."""
+        b = to_device(part, self.device)
+        with self.autocast():
+            images = model.embed(
+                patch_images=b["patch_images"],
+                patch_masks=b["patch_masks"],
+                image_codes=self.image_codes(b["patch_images"], None),
+            )
+            texts = model.embed(input_ids=b["input_ids"])
+        images, texts = images.float(), texts.float()
+        return itc_loss(images, texts, model.itc_scale()), in_batch_recall(images, texts)
+
     def _loader(self) -> DataLoader:
         cfg = self.cfg
         sampler = IndexSampler(cfg.batch_size, self.next_batch, self.rank, self.world_size)
@@ -665,7 +688,7 @@ class MultitaskRecipe:
     def _train_step(self, batches) -> dict[str, float]:
         cfg, model = self.cfg, self.ddp or self.model
         self.optimizer.zero_grad(set_to_none=True)
-        loss_sum, tokens, samples = 0.0, 0, 0
+        loss_sum, tokens, samples, pair_sum, pair_parts = 0.0, 0, 0, 0.0, 0
         for micro in range(cfg.grad_accum):
             batch = next(batches)
             self.next_batch += 1
@@ -674,7 +697,11 @@ class MultitaskRecipe:
             for j, part in enumerate(parts):
                 sync = self.ddp is None or (micro == cfg.grad_accum - 1 and j == len(parts) - 1)
                 with nullcontext() if sync else self.ddp.no_sync():
-                    loss = self.batch_loss(model, part, num_labels, len(batch["tasks"]))
+                    if contrastive(part["tasks"][0]):
+                        loss, _ = self.pair_loss(model, part)
+                        pair_sum, pair_parts = pair_sum + loss.item(), pair_parts + 1
+                    else:
+                        loss = self.batch_loss(model, part, num_labels, len(batch["tasks"]))
                     (loss / cfg.grad_accum).backward()
                 loss_sum += loss.item()
             tokens += count_tokens(batch)
@@ -691,7 +718,15 @@ class MultitaskRecipe:
             dist.all_reduce(stats)
             stats[0] /= self.world_size
         loss, tokens, samples = stats.tolist()
-        return {"loss": loss, "tokens": tokens, "samples": samples, "grad_norm": grad_norm, "lr": lr}
+        return {
+            "loss": loss,
+            "tokens": tokens,
+            "samples": samples,
+            "grad_norm": grad_norm,
+            "lr": lr,
+            "itc_loss": pair_sum,
+            "itc_parts": pair_parts,
+        }
 
     def train(self) -> None:
         cfg = self.cfg
@@ -723,16 +758,17 @@ class MultitaskRecipe:
                 loss=f"{stats['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{window['tokens'] / elapsed:.0f}"
             )
             if self.step % cfg.log_interval == 0 or self.step == last:
-                self._log(
-                    {
-                        "step": self.step,
-                        "loss": window["loss"] / window["steps"],
-                        "lr": lr,
-                        "grad_norm": window["grad_norm"] / window["steps"],
-                        "tokens_per_s": window["tokens"] / elapsed,
-                        "samples_per_s": window["samples"] / elapsed,
-                    }
-                )
+                record = {
+                    "step": self.step,
+                    "loss": window["loss"] / window["steps"],
+                    "lr": lr,
+                    "grad_norm": window["grad_norm"] / window["steps"],
+                    "tokens_per_s": window["tokens"] / elapsed,
+                    "samples_per_s": window["samples"] / elapsed,
+                }
+                if window["itc_parts"]:  # the contrastive part of `loss`, per micro-batch with pairs
+                    record["train/itc_loss"] = window["itc_loss"] / window["itc_parts"]
+                self._log(record)
                 window.clear()
                 tick = time.perf_counter()
             done = self.step == cfg.max_steps or self._out_of_time(started)
@@ -778,6 +814,8 @@ class MultitaskRecipe:
             model.eval()
             if self.val_examples:
                 metrics.update(self._val_loss(model))
+            if self.val_pairs:
+                metrics.update(self._val_pairs(model))
             for task, examples in self.generate_sets.items():
                 metrics.update(self._greedy(model, task, examples))
             self._train_mode()
@@ -822,6 +860,17 @@ class MultitaskRecipe:
         for layer, values in enumerate(zip(*entropies, strict=True)):
             out[f"cross_entropy/layer{layer}"] = sum(values) / len(values)
         return out
+
+    def _val_pairs(self, model) -> dict[str, float]:
+        """Contrastive loss and in-batch recall@1 of the validation pairs, in batches of batch_size
+        (chance recall: 1 / batch), averaged over pairs."""
+        loss = recall = 0.0
+        bs, pairs = self.cfg.batch_size, self.val_pairs
+        for i in range(0, len(pairs), bs):
+            chunk = pairs[i : i + bs]
+            batch_loss, batch_recall = self.pair_loss(model, collate(chunk))
+            loss, recall = loss + batch_loss.item() * len(chunk), recall + batch_recall * len(chunk)
+        return {"val_loss/itc": loss / len(pairs), "itc/recall@1": recall / len(pairs)}
 
     def _greedy(self, model, name: str, examples: list[Example]) -> dict[str, float]:
         """Greedy decoding under the task's constraint, parsed and scored by the task definition."""

@@ -11,6 +11,10 @@ Image outputs need the VQ tokenizer (`ofa_unified.vq`):
 * text_to_image: the encoder sees no image (a blank one with patch_mask False, so batches stay
   rectangular); the target is the codes of the whole image resized to `image_size` px (the recipe
   passes `code_grid_size * vq downsample`, so the code grid fits the decoder's position table).
+  A record with `text_only` (prefix_lm's text-only case) gets the same blank image.
+
+Contrastive pairs (task `itc`, output "embedding") have no target: their labels are all ignored and
+`split_by_output` hands them to the trainer as a batch of their own, for `model.itc_loss`.
 A record that already holds `target_codes` needs no tokenizer. VQ encoding runs inside
 `build_example`, i.e. in the DataLoader workers, with the (small) tokenizer on CPU: each worker
 encodes its own samples with one thread while the main process trains, and the main process never
@@ -127,13 +131,13 @@ def _build(task, image, record, vocab, transform, rng, vq, image_size) -> Exampl
             record["target_codes"] = vq.encode(target_image[None]).flatten().tolist()
         if task.name == "masked_image_modeling" and record.get("masked_patches") is None:
             record["masked_patches"] = block_mask(math.isqrt(len(record["target_codes"])), MIM_RATIO, rng)
-    if task.name == "text_to_image":
+    if task.name == "text_to_image" or record.get("text_only"):
         pixels, has_image = torch.zeros_like(pixels), False
     else:
         pixels = task.encoder_image(pixels, record)
     source_ids = vocab.encode(task.source(record, size, vocab))
     target_ids = vocab.encode(task.target(record, size, vocab, rng), add_bos=False, add_eos=False)
-    if not target_ids:
+    if not target_ids and task.output != "embedding":
         raise ValueError("the target is empty")
     positions = task.loss_positions(record)
     return Example(
@@ -182,6 +186,8 @@ def collate(examples: Sequence[Example], pad_id: int = PAD, prompt: bool = False
     labels = torch.full((n, tgt_len), IGNORE_INDEX, dtype=torch.long)
     for i, (p, e) in enumerate(zip(prompts, examples, strict=True)):
         input_ids[i, : len(e.source_ids)] = torch.tensor(e.source_ids)
+        if not e.target_ids:  # a contrastive pair: no decoder input, no labels
+            continue
         decoder = [BOS, *p, *e.target_ids]
         decoder_input_ids[i, : len(decoder)] = torch.tensor(decoder)
         labels[i, len(p) : len(decoder)] = torch.tensor([*e.target_ids, EOS])
@@ -202,18 +208,27 @@ def collate(examples: Sequence[Example], pad_id: int = PAD, prompt: bool = False
     }
 
 
+def contrastive(task: str) -> bool:
+    """Whether `task` trains on image-text pairs (output "embedding": itc), not on a decoder target."""
+    return get_task(task).output == "embedding"
+
+
 def split_by_output(batch: dict[str, Any]) -> list[dict[str, Any]]:
-    """The batch as at most two batches, text outputs and image-code outputs, each trimmed to its own
-    padding. A few 64-code targets would otherwise pad every text target in the batch to their length,
-    and the decoder would run both its text and code paths for every sample."""
-    code = batch["code_mask"]
-    if bool(code.all()) or not bool(code.any()):
+    """The batch as at most three batches, text outputs, image-code outputs and contrastive pairs
+    (`contrastive`), each trimmed to its own padding. A few 64-code targets would otherwise pad every
+    text target in the batch to their length, and the decoder would run both its text and code paths
+    for every sample; pairs have no decoder target at all."""
+    pairs = torch.tensor([contrastive(t) for t in batch["tasks"]])
+    kind = batch["code_mask"].long() + 2 * pairs.long()  # 0: text, 1: codes, 2: pairs
+    groups = [rows for k in range(3) if len(rows := torch.nonzero(kind == k).flatten())]
+    if len(groups) == 1:
         return [batch]
     parts = []
-    for rows in (torch.nonzero(~code).flatten(), torch.nonzero(code).flatten()):
+    for rows in groups:
         part = {k: v[rows] if torch.is_tensor(v) else [v[i] for i in rows.tolist()] for k, v in batch.items()}
         src = int(part["input_ids"].ne(PAD).sum(1).max())
-        tgt = int(part["labels"].ne(IGNORE_INDEX).nonzero()[:, 1].max()) + 1
+        labelled = part["labels"].ne(IGNORE_INDEX).nonzero()[:, 1]
+        tgt = int(labelled.max()) + 1 if len(labelled) else 1
         part["input_ids"] = part["input_ids"][:, :src]
         part["decoder_input_ids"], part["labels"] = (
             part["decoder_input_ids"][:, :tgt],
@@ -489,6 +504,7 @@ __all__ = [
     "build_example",
     "build_shapes_vocab",
     "collate",
+    "contrastive",
     "item_rng",
     "require_vq",
     "shapes_corpus",

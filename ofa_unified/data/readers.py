@@ -237,6 +237,12 @@ def validate_record(record: Mapping[str, Any]) -> dict:
         _label(rec, "label", ("yes", "no", "maybe"))
     elif task == "text_to_image":
         _str(rec, "caption")
+    elif task == "itc":
+        _str(rec, "text")
+    elif task == "prefix_lm":
+        _str(rec, "text")
+        if not isinstance(rec.get("text_only", False), bool):  # true: the encoder sees no image
+            raise ValueError(f"'text_only' must be true or false, got {rec['text_only']!r}")
     return rec
 
 

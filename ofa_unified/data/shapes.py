@@ -55,6 +55,8 @@ TASKS = (
     "image_infilling",
     "text_to_image",
     "masked_image_modeling",
+    "prefix_lm",
+    "itc",
 )
 # Predicates the shapes world does not model: a statement using one is neither entailed nor
 # contradicted by the image, which makes visual entailment's "maybe" well defined.
@@ -486,6 +488,12 @@ def scene_records(scene: Scene, rng: random.Random, tasks: Iterable[str] | None 
         "image_infilling": lambda r: [{}],
         "text_to_image": lambda r: [{"caption": captions[0]}],
         "masked_image_modeling": lambda r: [{}],  # the pipeline draws the masked patches per sample
+        # a caption cut at a random word; the second is the text-only case (the encoder sees no image)
+        "prefix_lm": lambda r: [
+            {"text": r.choice(captions), "split_seed": r.getrandbits(32)},
+            {"text": r.choice(captions), "split_seed": r.getrandbits(32), "text_only": True},
+        ],
+        "itc": lambda r: [{"text": r.choice(captions)}],
     }
     asked = set(TASKS if tasks is None else tasks)
     wanted = [t for t in TASKS if t in asked]
