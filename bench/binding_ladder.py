@@ -8,7 +8,7 @@ the star?"; `shape1` one object, "what shape is the red shape?"; `color2` / `sha
 objects, the object named by its other attributes or its place; `vqa` the full VQA mix on full scenes;
 `ground1` / `ground2` the box of the named object; `itm1` / `itm2` / `itm` "does the image describe
 ...?" over true captions and hard negatives one colour, shape or count away, on scenes of up to one,
-two or all objects.
+two or all objects; `itm1_vqa` trains on `color1` and `shape1` as well.
 Each arm is a model trained end to end on it (stem included) with the recipe's optimiser (AdamW,
 betas 0.9/0.98, decay 0.01, warmup, label smoothing 0.1, clipping 1.0):
 
@@ -55,7 +55,11 @@ RUNGS = {
     "itm1": (1, "itm", None),
     "itm2": (2, "itm", None),
     "itm": (shapes.MAX_OBJECTS, "itm", None),
+    "itm1_vqa": (1, "itm", None),
 }
+# Rungs trained on other rungs' questions as well (validated on their own): does reading colours and
+# shapes out (VQA) give ITM the features it compares?
+TRAIN_ALSO = {"itm1_vqa": ("color1", "shape1")}
 # A box coordinate counts as read when within this many bins (one bin per pixel at 128 px): a box of
 # the smallest size (~16 px) off by 3 px on each side still overlaps its truth by IoU > 0.5.
 BIN_TOLERANCE = 3
@@ -314,6 +318,8 @@ def main() -> None:
             "train": question_set(vocab, "train", args.scenes, rung, args.image_size),
             "val": question_set(vocab, "val", args.val_scenes, rung, args.image_size),
         }
+        for other in TRAIN_ALSO.get(rung, ()):  # same scenes, so the images are the same pool
+            data["train"][1].extend(question_set(vocab, "train", args.scenes, other, args.image_size)[1])
         for arm in args.arms:
             results.append(run(arm, rung, args, vocab, data))
             if args.out:

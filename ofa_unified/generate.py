@@ -197,35 +197,72 @@ class _Rows:
     def logprobs(self) -> torch.Tensor:
         """Next-token log-probs with every rule applied. Follows OFA: log_softmax over the full vocab
         first, then disallowed ids are set to -inf without renormalising, so a constrained score is
-        the model's own log-likelihood (and equals `score_candidates`). Forced prefix tokens get 0."""
+        the model's own log-likelihood (and equals `score_candidates`). Forced prefix tokens get 0.
+        Only rows with a constraint or a blocked n-gram build masks over the vocabulary; the others
+        (any id but bos/pad, eos banned below min_new_tokens, forced at max_new_tokens) set a few
+        entries."""
+        cfg = self.config
         lprobs = F.log_softmax(self.logits.float(), dim=-1)
         steps = self.generated_len()
-        allowed = self._allowed(steps, lprobs.size(1))
-        banned = self._banned(steps, lprobs.size(1))
-        if banned is not None:
-            # min_new_tokens and n-gram blocking give way where they would leave nothing allowed.
-            soft = allowed & ~banned
-            allowed = torch.where(soft.any(dim=1, keepdim=True), soft, allowed)
-        forcing = steps < 0
-        if forcing.any():
-            rows = forcing.nonzero().squeeze(1)
-            forced = self.prefix[self.sample[rows], self.tokens.size(1) - 1]
-            lprobs[rows] = 0.0
-            allowed[rows] = False
-            allowed[rows, forced] = True
-        return lprobs.masked_fill(~allowed, -math.inf)
+        ban_rows, ban_ids = self._ngram_bans(steps)
+        masked = self.has_constraint[self.sample] & (steps >= 0)
+        masked[ban_rows] = True
+        sub = masked.nonzero().squeeze(1)
+        exact = self._masked_rows(lprobs, steps, sub, ban_rows, ban_ids) if len(sub) else None
+        lprobs[:, [BOS, PAD]] = -math.inf  # never generated (fairseq bans pad)
+        lprobs[(steps >= 0) & (steps < cfg.min_new_tokens), EOS] = -math.inf
+        over = (steps >= cfg.max_new_tokens).nonzero().squeeze(1)
+        if len(over):
+            eos = lprobs[over, EOS]
+            lprobs[over] = -math.inf
+            lprobs[over, EOS] = eos
+        if exact is not None:
+            lprobs[sub] = exact
+        forcing = (steps < 0).nonzero().squeeze(1)
+        if len(forcing):
+            forced = self.prefix[self.sample[forcing], self.tokens.size(1) - 1]
+            lprobs[forcing] = -math.inf
+            lprobs[forcing, forced] = 0.0
+        return lprobs
 
-    def _allowed(self, steps: torch.Tensor, vocab: int) -> torch.Tensor:
-        allowed = torch.ones(len(steps), vocab, dtype=torch.bool, device=self.device)
+    def _masked_rows(
+        self,
+        lprobs: torch.Tensor,
+        steps: torch.Tensor,
+        rows: torch.Tensor,
+        ban_rows: torch.Tensor,
+        ban_ids: torch.Tensor,
+    ) -> torch.Tensor:
+        """The log-probs of `rows` (generating, each with a constraint or a blocked n-gram) with
+        their allowed-id masks applied; min_new_tokens and n-gram blocking give way where they would
+        leave nothing allowed."""
+        allowed = self._allowed(steps, rows, lprobs.size(1))
+        banned = torch.zeros_like(allowed)
+        too_short = steps[rows] < self.config.min_new_tokens
+        banned[too_short, EOS] = True
+        local = torch.full_like(steps, -1)
+        local[rows] = torch.arange(len(rows), device=self.device)
+        banned[local[ban_rows], ban_ids] = True
+        soft = allowed & ~banned
+        allowed = torch.where(soft.any(dim=1, keepdim=True), soft, allowed)
+        return lprobs[rows].masked_fill(~allowed, -math.inf)
+
+    def _allowed(self, steps: torch.Tensor, rows: torch.Tensor, vocab: int) -> torch.Tensor:
+        """[len(rows), vocab] ids allowed by each row's constraint (`rows` are generating)."""
+        allowed = torch.ones(len(rows), vocab, dtype=torch.bool, device=self.device)
         allowed[:, [BOS, PAD]] = False  # never generated (fairseq bans pad); a constraint may allow them
-        rows = (self.has_constraint[self.sample] & (steps >= 0)).nonzero().squeeze(1).tolist()
-        if rows:
-            tokens, starts = self.tokens.tolist(), (1 + self.prefix_len[self.sample]).tolist()
+        constrained = self.has_constraint[self.sample[rows]].tolist()
+        if any(constrained):
+            tokens = self.tokens[rows].tolist()
+            starts = (1 + self.prefix_len[self.sample[rows]]).tolist()
+            samples = self.sample[rows].tolist()
             groups: dict[int, tuple[Sequence[int], list[int]]] = {}  # rows sharing one allowed object
-            for r in rows:
-                ids = self.constraints[int(self.sample[r])].allowed(tokens[r][starts[r] :])
+            for i in range(len(rows)):
+                if not constrained[i]:
+                    continue
+                ids = self.constraints[samples[i]].allowed(tokens[i][starts[i] :])
                 if ids is not None:
-                    groups.setdefault(id(ids), (ids, []))[1].append(r)
+                    groups.setdefault(id(ids), (ids, []))[1].append(i)
             for ids, group in groups.values():
                 idx = torch.tensor(group, device=self.device)
                 allowed[idx] = False
@@ -237,33 +274,30 @@ class _Rows:
                     allowed[idx[:, None], torch.tensor(list(ids), device=self.device)[None, :]] = True
         # At max_new_tokens eos is forced where the constraint allows it; at the constraint's own
         # limit (its longest path) it is forced regardless.
-        over = steps >= self.config.max_new_tokens
-        force = over & (allowed[:, EOS] | (steps >= self.cap[self.sample]))
+        row_steps = steps[rows]
+        over = row_steps >= self.config.max_new_tokens
+        force = over & (allowed[:, EOS] | (row_steps >= self.cap[self.sample[rows]]))
         allowed[force] = False
         allowed[force, EOS] = True
         return allowed
 
-    def _banned(self, steps: torch.Tensor, vocab: int) -> torch.Tensor | None:
-        cfg, n = self.config, self.config.no_repeat_ngram_size
-        too_short = (steps >= 0) & (steps < cfg.min_new_tokens)
-        blocking = n > 0 and bool((steps >= n).any())
-        if not (too_short.any() or blocking):
-            return None
-        banned = torch.zeros(len(steps), vocab, dtype=torch.bool, device=self.device)
-        banned[too_short, EOS] = True
-        if blocking:
-            # An n-gram is blocked when its first n-1 tokens equal the last n-1 generated ones; only
-            # generated tokens count (the prompt prefix is not output, so repeating it is fine).
-            length = self.tokens.size(1)
-            windows = self.tokens.unfold(1, n, 1)  # [N, W, n]
-            start = torch.arange(windows.size(1), device=self.device)
-            first = 1 + self.prefix_len[self.sample]  # position of the first generated token
-            inside = (start[None, :] >= first[:, None]) & (steps >= n - 1)[:, None]
-            suffix = self.tokens[:, length - (n - 1) :]
-            match = (windows[:, :, :-1] == suffix[:, None, :]).all(dim=-1) & inside
-            rows, cols = match.nonzero(as_tuple=True)
-            banned[rows, windows[rows, cols, -1]] = True
-        return banned
+    def _ngram_bans(self, steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row, id) pairs that `no_repeat_ngram_size` blocks. An n-gram is blocked when its first n-1
+        tokens equal the last n-1 generated ones; only generated tokens count (the prompt prefix is
+        not output, so repeating it is fine)."""
+        n = self.config.no_repeat_ngram_size
+        if n == 0 or not bool((steps >= n).any()):
+            empty = torch.zeros(0, dtype=torch.long, device=self.device)
+            return empty, empty
+        length = self.tokens.size(1)
+        windows = self.tokens.unfold(1, n, 1)  # [N, W, n]
+        start = torch.arange(windows.size(1), device=self.device)
+        first = 1 + self.prefix_len[self.sample]  # position of the first generated token
+        inside = (start[None, :] >= first[:, None]) & (steps >= n - 1)[:, None]
+        suffix = self.tokens[:, length - (n - 1) :]
+        match = (windows[:, :, :-1] == suffix[:, None, :]).all(dim=-1) & inside
+        rows, cols = match.nonzero(as_tuple=True)
+        return rows, windows[rows, cols, -1]
 
     def advance(self, src: torch.Tensor, next_tokens: torch.Tensor) -> None:
         """Keep rows `src` (in that order; beams reorder, finished samples drop out), append one token

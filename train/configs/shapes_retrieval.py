@@ -1,4 +1,4 @@
-# Launch (55 minutes of training on the 2-core CPU, fine-tuned from the bundled model):
+# Launch (50 minutes of training on the 2-core CPU, fine-tuned from the bundled model):
 #   python train/multitask.py --config train/configs/shapes_retrieval.py
 """The bundled model made a dual encoder too (VLMo): modality experts in its encoder, a retrieval
 head trained by image-text contrast (`itc`), and SimVLM's PrefixLM beside the default task mix.
@@ -8,7 +8,7 @@ head trained by image-text contrast (`itc`), and SimVLM's PrefixLM beside the de
   vision-language expert. The experts start as copies of the checkpoint's FFNs, so training starts
   from its exact outputs; an image alone or a text alone runs only its own expert (`OFAModel.embed`).
 - `itc_dim=128`: the retrieval head (fresh), trained on the in-batch pairs of each micro-batch
-  (about 9 of 32 samples at these weights).
+  (about 13 of 32 samples at these weights).
 - `prefix_lm`: a caption cut at a random word, the decoder writes the rest; half its records show
   the image, half are text alone.
 """
@@ -26,11 +26,11 @@ config = TrainConfig(
         "fusion_layers": 2,
         "itc_dim": 128,
     },
-    tasks={**DEFAULT_TASKS, "itc": 6.0, "prefix_lm": 1.0},
+    tasks={**DEFAULT_TASKS, "itc": 10.0, "prefix_lm": 1.0},
     max_steps=2400,
     lr=3e-4,
     warmup_steps=50,
-    time_limit=55.0,
+    time_limit=50.0,
     eval_interval=600,
     eval_samples=128,
     eval_generate=0,
