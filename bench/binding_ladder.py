@@ -65,8 +65,12 @@ TRAIN_ALSO = {"itm1_vqa": ("color1", "shape1")}
 BIN_TOLERANCE = 3
 
 
-def question_set(vocab: Vocab, split: str, n: int, rung: str, size: int) -> tuple[torch.Tensor, list]:
-    """Images [n, 3, size, size] and (scene index, source ids, answer ids) of each wanted question."""
+def question_set(
+    vocab: Vocab, split: str, n: int, rung: str, size: int, prompt: bool = False
+) -> tuple[torch.Tensor, list]:
+    """Images [n, 3, size, size] and (scene index, source ids, answer ids, decoder prompt ids) of each
+    wanted question. `prompt`: OFA's `prompt_type=prev_output`, the instruction (source minus bos and
+    eos) forced as the decoder's prefix without loss, so the decoder's queries see the text."""
     max_objects, task_name, kinds = RUNGS[rung]
     task, images, items = get_task(task_name), [], []
     for i in range(n):
@@ -76,20 +80,20 @@ def question_set(vocab: Vocab, split: str, n: int, rung: str, size: int) -> tupl
             if kinds is None or r["question_type"] in kinds:
                 target = task.target(r, image.size, vocab, random.Random(0))
                 src = vocab.encode(task.source(r, image.size, vocab))
-                items.append((i, src, vocab.encode(target, False, False)))
+                items.append((i, src, vocab.encode(target, False, False), src[1:-1] if prompt else []))
     return torch.stack(images), items
 
 
 def batch(items: list, images: torch.Tensor, roll: bool = False) -> tuple[torch.Tensor, ...]:
     n, src_len = len(items), max(len(x[1]) for x in items)
-    tgt_len = max(len(x[2]) for x in items) + 1
+    tgt_len = max(len(x[3]) + len(x[2]) for x in items) + 1
     src = torch.full((n, src_len), PAD)
     dec = torch.full((n, tgt_len), PAD)
     labels = torch.full((n, tgt_len), IGNORE)
-    for j, (_, s, t) in enumerate(items):
+    for j, (_, s, t, p) in enumerate(items):
         src[j, : len(s)] = torch.tensor(s)
-        dec[j, : len(t) + 1] = torch.tensor([BOS, *t])
-        labels[j, : len(t) + 1] = torch.tensor([*t, EOS])
+        dec[j, : len(p) + len(t) + 1] = torch.tensor([BOS, *p, *t])
+        labels[j, len(p) : len(p) + len(t) + 1] = torch.tensor([*t, EOS])
     scenes = torch.tensor([x[0] for x in items])
     if roll:  # another scene's image: the next question's, skipping questions about the same scene
         other = scenes.roll(1)
@@ -307,6 +311,7 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prompt", action="store_true", help="instruction as the decoder's prefix")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     args.override = parse_overrides(args.override)
@@ -315,11 +320,12 @@ def main() -> None:
     results = []
     for rung in args.rungs:
         data = {
-            "train": question_set(vocab, "train", args.scenes, rung, args.image_size),
-            "val": question_set(vocab, "val", args.val_scenes, rung, args.image_size),
+            "train": question_set(vocab, "train", args.scenes, rung, args.image_size, args.prompt),
+            "val": question_set(vocab, "val", args.val_scenes, rung, args.image_size, args.prompt),
         }
         for other in TRAIN_ALSO.get(rung, ()):  # same scenes, so the images are the same pool
-            data["train"][1].extend(question_set(vocab, "train", args.scenes, other, args.image_size)[1])
+            also = question_set(vocab, "train", args.scenes, other, args.image_size, args.prompt)
+            data["train"][1].extend(also[1])
         for arm in args.arms:
             results.append(run(arm, rung, args, vocab, data))
             if args.out:

@@ -14,6 +14,15 @@ so compare ACTIVE and PASSIVE with two whole-process runs (`OMP_WAIT_POLICY=ACTI
 Also prints the memory-bandwidth ceiling for batch 1: the bytes of weights one decode step reads
 (decoder layers without the cross-attention k/v projections, which run once per request, plus the
 output projection) over the bandwidth a large tensor sum reaches.
+
+More of our variants join the alternation (A B C ... per repeat, same inputs): `--quantize int8`
+adds the dynamically int8-quantized model (`ofa_unified/quantize.py`; `--int8-fp32-output` also
+the variant that keeps the output projection float32), `--onnx` the ONNX export on onnxruntime
+(`ofa_unified/onnx_export.py`, `pip install -e '.[onnx]'`; exported once per size into a temporary
+directory). Each gets its tok/s and its ratio to HF float32.
+
+    python bench/decode_vs_hf.py --configs tiny/1/1 tiny/16/1 base/1/1 --quantize int8 --onnx \
+        --out bench/results/decode_int8_cpu.json
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,6 +42,7 @@ import torch  # noqa: E402
 
 from ofa_unified.generate import GenerationConfig, generate  # noqa: E402
 from ofa_unified.model import EncoderOutput, OFAConfig, build_model, model_config  # noqa: E402
+from ofa_unified.quantize import quantize_model  # noqa: E402
 
 IMAGE_PATCHES, TEXT_TOKENS = 256, 16
 DEFAULT_CONFIGS = [f"{s}/{b}/{k}" for s in ("tiny", "base") for b in (1, 16) for k in (1, 5)]
@@ -130,6 +141,22 @@ def step_weight_bytes(model) -> int:
     return layers + emb.numel() * emb.element_size()
 
 
+def our_variants(model, args: argparse.Namespace) -> dict:
+    """Our float32 model and the variants the flags ask for, by column name."""
+    variants = {"ours": model}
+    if args.quantize:
+        variants["int8"] = quantize_model(model, args.quantize)
+        if args.int8_fp32_output:
+            variants["int8_fp32_out"] = quantize_model(model, args.quantize, output_projection=False)
+    if args.onnx:
+        from ofa_unified.onnx_export import OnnxModel, export_onnx
+
+        with tempfile.TemporaryDirectory(prefix="decode_vs_hf_onnx_") as directory:
+            export_onnx(model, directory)
+            variants["onnx"] = OnnxModel(directory, threads=args.threads)  # sessions hold the graphs
+    return variants
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -138,8 +165,17 @@ def main() -> None:
         "--configs", nargs="+", default=DEFAULT_CONFIGS, help="size/batch/beam, e.g. tiny/1/5"
     )
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=5, help="alternating A B pairs per configuration")
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="alternating rounds (ours, its variants, HF) per configuration"
+    )
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quantize", choices=("int8",), help="also time the int8-quantized model")
+    parser.add_argument(
+        "--int8-fp32-output",
+        action="store_true",
+        help="with --quantize: also time int8 with the output projection left float32",
+    )
+    parser.add_argument("--onnx", action="store_true", help="also time the ONNX export on onnxruntime")
     parser.add_argument("--out", type=Path, default=Path("bench/results/decode_vs_hf.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -150,32 +186,31 @@ def main() -> None:
         size, batch, beam = spec.split("/")
         batch, beam = int(batch), int(beam)
         if size not in models:
-            models.clear()  # one size's pair of models in memory at a time
-            models[size] = (build_model(size).eval(), hf_model(model_config(size)))
+            models.clear()  # one size's models in memory at a time
+            models[size] = (our_variants(build_model(size).eval(), args), hf_model(model_config(size)))
         ours, hf = models[size]
-        times: dict[str, list[float]] = {"ours": [], "hf": []}
+        cfg = ours["ours"].config
+        times: dict[str, list[float]] = {name: [] for name in [*ours, "hf"]}
         with torch.inference_mode():
-            time_ours(ours, encoder_output(ours.config, batch, 0), beam, 4)  # warm-up
-            time_hf(hf, encoder_output(ours.config, batch, 0), beam, 4)
+            for model in ours.values():  # warm-up
+                time_ours(model, encoder_output(cfg, batch, 0), beam, 4)
+            time_hf(hf, encoder_output(cfg, batch, 0), beam, 4)
             for r in range(args.repeats):
-                times["ours"].append(
-                    time_ours(ours, encoder_output(ours.config, batch, r), beam, args.new_tokens)
-                )
-                times["hf"].append(time_hf(hf, encoder_output(ours.config, batch, r), beam, args.new_tokens))
+                for name, model in ours.items():
+                    times[name].append(time_ours(model, encoder_output(cfg, batch, r), beam, args.new_tokens))
+                times["hf"].append(time_hf(hf, encoder_output(cfg, batch, r), beam, args.new_tokens))
         tokens = batch * beam * args.new_tokens
-        ours_s, hf_s = statistics.median(times["ours"]), statistics.median(times["hf"])
-        row = {
-            "size": size,
-            "batch": batch,
-            "beam": beam,
-            "new_tokens": args.new_tokens,
-            "ours_s": ours_s,
-            "hf_s": hf_s,
-            "ours_tok_s": tokens / ours_s,
-            "hf_tok_s": tokens / hf_s,
-            "speedup": hf_s / ours_s,
-            "times": times,
-        }
+        median = {name: statistics.median(t) for name, t in times.items()}
+        row = {"size": size, "batch": batch, "beam": beam, "new_tokens": args.new_tokens}
+        for name, seconds in median.items():
+            row[f"{name}_s"] = seconds
+            row[f"{name}_tok_s"] = tokens / seconds
+        row["speedup"] = median["hf"] / median["ours"]
+        for name in ours:
+            if name != "ours":
+                row[f"{name}_vs_hf"] = median["hf"] / median[name]
+                row[f"{name}_vs_ours"] = median["ours"] / median[name]
+        row["times"] = times
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "times"}), flush=True)
 
@@ -202,12 +237,15 @@ def main() -> None:
     print(
         f"\nOMP_WAIT_POLICY={result['omp_wait_policy']}, {result['threads']} threads, load {os.getloadavg()}"
     )
-    print("\n| size | batch | beam | ours tok/s | HF tok/s | ours / HF |\n|---|---|---|---|---|---|")
+    extra = [k.removesuffix("_vs_hf") for k in rows[0] if k.endswith("_vs_hf")]
+    head = ["size", "batch", "beam", "ours tok/s", *(f"{n} tok/s" for n in extra), "HF tok/s", "ours / HF"]
+    head += [f"{n} / HF" for n in extra]
+    print("\n| " + " | ".join(head) + " |\n" + "|---" * len(head) + "|")
     for r in rows:
-        print(
-            f"| {r['size']} | {r['batch']} | {r['beam']} | {r['ours_tok_s']:.0f} | {r['hf_tok_s']:.0f} "
-            f"| {r['speedup']:.2f}x |"
-        )
+        cells = [r["size"], r["batch"], r["beam"], f"{r['ours_tok_s']:.0f}"]
+        cells += [f"{r[f'{n}_tok_s']:.0f}" for n in extra] + [f"{r['hf_tok_s']:.0f}", f"{r['speedup']:.2f}x"]
+        cells += [f"{r[f'{n}_vs_hf']:.2f}x" for n in extra]
+        print("| " + " | ".join(map(str, cells)) + " |")
     print(f"\nBandwidth (512 MB tensor sum): {bandwidth:.1f} GB/s")
     for size in ("tiny", "base"):
         c = ceiling[size]

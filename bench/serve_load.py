@@ -3,6 +3,12 @@
     python bench/serve_load.py                          # checkpoints/default, 48 requests per cell
     python bench/serve_load.py -n 8 --concurrency 1 8   # a smoke run
     python bench/serve_load.py --checkpoint DIR --endpoint itm --out bench/results/serve_load.json
+    python bench/serve_load.py --mix -n 96 --concurrency 32 --out bench/results/serve_continuous_cpu.json
+
+`--mix` sends short (VQA, ITM) and long (detection, caption) requests in turn and compares continuous
+batching on and off (`--no-continuous-batching`: each batch runs to its end) at the same batch size,
+with latency percentiles per kind: continuous batching is for the short requests that would
+otherwise wait for a long one's batch.
 
 For each batching setting it starts `python -m serving` as a subprocess on a free 127.0.0.1 port
 (loopback only), waits for /readyz, then sends `-n` requests at each concurrency level, each a
@@ -38,7 +44,11 @@ ENDPOINTS = {
     "vqa": {"question": "what color is the large shape?"},
     "grounding": {"text": "the large shape"},
     "itm": {"text": "a red circle"},
+    "detection": {},
 }
+# --mix: request i goes to MIX[i % len(MIX)]; kind of each endpoint.
+MIX = ("vqa", "detection", "itm", "caption")
+KIND = {"vqa": "short", "itm": "short", "grounding": "short", "detection": "long", "caption": "long"}
 
 
 def scene_png() -> bytes:
@@ -62,9 +72,11 @@ def free_port() -> int:
 class Server:
     """`python -m serving` in a subprocess; stopped with SIGTERM (graceful) on exit."""
 
-    def __init__(self, args: argparse.Namespace, max_batch_size: int, log_dir: Path) -> None:
+    def __init__(
+        self, args: argparse.Namespace, max_batch_size: int, log_dir: Path, continuous: bool = True
+    ) -> None:
         self.port = free_port()
-        self.log_path = log_dir / f"server_batch{max_batch_size}.log"
+        self.log_path = log_dir / f"server_batch{max_batch_size}_{'cont' if continuous else 'whole'}.log"
         self.cmd = [
             sys.executable, "-m", "serving",
             "--checkpoint", str(args.checkpoint),
@@ -76,6 +88,7 @@ class Server:
             "--max-queue-depth", str(max(64, 2 * max(args.concurrency))),
             "--request-timeout-s", str(args.request_timeout),
             "--log-level", "warning",
+            "--continuous-batching" if continuous else "--no-continuous-batching",
         ]  # fmt: skip
         self.url = f"http://{HOST}:{self.port}"
 
@@ -106,10 +119,11 @@ class Server:
 
 
 async def run_cell(
-    url: str, path: str, fields: dict, image: bytes, n: int, concurrency: int, timeout: float
+    url: str, endpoints: list[str], image: bytes, n: int, concurrency: int, timeout: float
 ) -> dict:
-    """n requests, at most `concurrency` in flight; latency per request and overall throughput."""
-    latencies: list[float] = []
+    """n requests (request i to endpoints[i % len]), at most `concurrency` in flight; latency per
+    request and overall throughput, and per kind (`KIND`) when the endpoints are a mix."""
+    latencies: dict[str, list[float]] = {}
     statuses: dict[str, int] = {}
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(n):
@@ -118,31 +132,58 @@ async def run_cell(
 
     async def worker(client: httpx.AsyncClient) -> None:
         while not queue.empty():
-            queue.get_nowait()
+            endpoint = endpoints[queue.get_nowait() % len(endpoints)]
+            files = {"image": ("scene.png", image, "image/png")}
             start = time.perf_counter()
             try:
-                r = await client.post(path, files={"image": ("scene.png", image, "image/png")}, data=fields)
+                r = await client.post(f"/v1/{endpoint}", files=files, data=ENDPOINTS[endpoint])
                 key = str(r.status_code)
             except httpx.HTTPError as e:
                 key = type(e).__name__
-            latencies.append(time.perf_counter() - start)
+            latencies.setdefault(KIND[endpoint], []).append(time.perf_counter() - start)
             statuses[key] = statuses.get(key, 0) + 1
 
     async with httpx.AsyncClient(base_url=url, trust_env=False, timeout=timeout, limits=limits) as client:
         start = time.perf_counter()
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
         seconds = time.perf_counter() - start
-    ms = np.asarray(latencies) * 1000
-    return {
+    out = {
         "requests": n,
         "ok": statuses.get("200", 0),
         "statuses": statuses,
         "seconds": round(seconds, 3),
         "rps": round(n / seconds, 2),
-        "p50_ms": round(float(np.percentile(ms, 50)), 1),
-        "p95_ms": round(float(np.percentile(ms, 95)), 1),
-        "p99_ms": round(float(np.percentile(ms, 99)), 1),
+        **percentiles([t for ts in latencies.values() for t in ts]),
     }
+    if len(latencies) > 1:
+        out["by_kind"] = {
+            kind: {"requests": len(ts), **percentiles(ts)} for kind, ts in sorted(latencies.items())
+        }
+    return out
+
+
+def percentiles(seconds: list[float]) -> dict[str, float]:
+    ms = np.asarray(seconds) * 1000
+    return {f"p{q}_ms": round(float(np.percentile(ms, q)), 1) for q in (50, 95, 99)}
+
+
+def mix_markdown(results: list[dict]) -> str:
+    rows = [
+        "| continuous batching | max batch | concurrency | ok/requests | req/s | short p50 ms | short p99 ms "
+        "| long p50 ms | long p99 ms |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in results:
+        head = f"| {r['continuous_batching']} | {r['max_batch_size']} | {r['concurrency']}"
+        if r.get("skipped"):
+            rows.append(head + " | skipped (time budget) | | | | | |")
+            continue
+        short, long = r["by_kind"]["short"], r["by_kind"]["long"]
+        rows.append(
+            f"{head} | {r['ok']}/{r['requests']} | {r['rps']} | {short['p50_ms']} | {short['p99_ms']} "
+            f"| {long['p50_ms']} | {long['p99_ms']} |"
+        )
+    return "\n".join(rows)
 
 
 def markdown(results: list[dict]) -> str:
@@ -172,6 +213,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-batch-size", type=int, default=8, help="batch size limit when batching is on")
     ap.add_argument("--batch-window-ms", type=float, default=5.0)
     ap.add_argument("--endpoint", choices=sorted(ENDPOINTS), default="caption")
+    ap.add_argument(
+        "--mix",
+        action="store_true",
+        help=f"send {', '.join(MIX)} in turn; compare continuous batching on and off (not batching on/off)",
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--request-timeout", type=float, default=120.0, help="seconds, client and server")
     ap.add_argument("--time-budget", type=float, default=300.0, help="seconds for the whole run")
@@ -186,38 +232,38 @@ def main(argv: list[str] | None = None) -> int:
     start = time.monotonic()
     results: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="serve_load_") as tmp:
-        for batching, max_batch in (("on", args.max_batch_size), ("off", 1)):
-            cells = [
-                {"batching": batching, "max_batch_size": max_batch, "concurrency": c}
-                for c in args.concurrency
-            ]
+        if args.mix:  # (cell labels, max batch size, continuous batching) per server
+            servers = [({"continuous_batching": on}, args.max_batch_size, on == "on") for on in ("on", "off")]
+        else:
+            servers = [({"batching": "on"}, args.max_batch_size, True), ({"batching": "off"}, 1, True)]
+        endpoints = list(MIX) if args.mix else [args.endpoint]
+        for labels, max_batch, continuous in servers:
+            cells = [{**labels, "max_batch_size": max_batch, "concurrency": c} for c in args.concurrency]
             if time.monotonic() - start > args.time_budget:
                 results += [{**cell, "skipped": True} for cell in cells]
                 continue
-            with Server(args, max_batch, Path(tmp)) as server:
+            with Server(args, max_batch, Path(tmp), continuous) as server:
                 for cell in cells:
                     if time.monotonic() - start > args.time_budget:
                         results.append({**cell, "skipped": True})
                         continue
+                    load = _load()
                     stats = asyncio.run(
                         run_cell(
                             server.url,
-                            f"/v1/{args.endpoint}",
-                            ENDPOINTS[args.endpoint],
+                            endpoints,
                             image,
                             args.requests,
                             cell["concurrency"],
                             args.request_timeout,
                         )
                     )
-                    results.append({**cell, **stats})
-                    print(
-                        f"batching {batching} c={cell['concurrency']}: {stats['rps']} req/s", file=sys.stderr
-                    )
+                    results.append({**cell, **stats, "load_before": load, "load_after": _load()})
+                    print(f"{labels} c={cell['concurrency']}: {stats['rps']} req/s", file=sys.stderr)
 
     report = {
         "benchmark": "serve_load",
-        "endpoint": f"/v1/{args.endpoint}",
+        "endpoints": [f"/v1/{e}" for e in endpoints],
         "checkpoint": str(args.checkpoint),
         "device": args.device,
         "requests_per_cell": args.requests,
@@ -227,8 +273,13 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(markdown(results))
+    print(mix_markdown(results) if args.mix else markdown(results))
     return 0
+
+
+def _load() -> list[float] | None:
+    """The 1/5/15-minute load averages (`uptime`): other work on the machine skews a run."""
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
 
 
 def _cpus() -> int | None:

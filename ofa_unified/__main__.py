@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from ofa_unified.quantize import QUANTIZE_MODES
+
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "default"
 
 
@@ -68,7 +70,9 @@ def cmd_predict(args: argparse.Namespace) -> None:
     if args.mean_image is not None:
         options["mean_image"] = args.mean_image
     candidates = [c.strip() for c in args.candidates.split(",")] if args.candidates else None
-    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, image_size=args.image_size)
+    predictor = Predictor.from_checkpoint(
+        args.checkpoint, device=args.device, image_size=args.image_size, quantize=args.quantize
+    )
     request = Request(image, args.task, fields, args.instruction, candidates, options)
     try:
         result = predictor.predict([request])[0]
@@ -199,6 +203,9 @@ def main(argv: list[str] | None = None) -> None:
         "--image-size", type=int, help="model input side (default: the checkpoint's patch_image_size)"
     )
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--quantize", default="none", choices=QUANTIZE_MODES, help="int8: dynamically quantized linears (CPU)"
+    )
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("forward", help="run the model on saved tensors, write logits and encoder_out")

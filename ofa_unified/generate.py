@@ -21,13 +21,15 @@ yields steps without tokens: a beam's best hypothesis is known only when the sea
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Generator, Iterator, Sequence
+from collections.abc import Callable, Collection, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import marisa_trie
 import torch
 import torch.nn.functional as F
+
+from ofa_unified.model import EncoderOutput, KVCache
 
 # Same ids as ofa_unified.vocab (OFA's order); the decoder input always starts with bos.
 BOS, PAD, EOS = 0, 1, 2
@@ -299,19 +301,23 @@ class _Rows:
         rows, cols = match.nonzero(as_tuple=True)
         return rows, windows[rows, cols, -1]
 
-    def advance(self, src: torch.Tensor, next_tokens: torch.Tensor) -> None:
-        """Keep rows `src` (in that order; beams reorder, finished samples drop out), append one token
-        to each and run the decoder one step."""
-        n = len(self.sample)
-        if len(src) != n or not torch.equal(src, torch.arange(n, device=self.device)):
+    def select(self, src: torch.Tensor, next_tokens: torch.Tensor) -> None:
+        """Keep rows `src` (in that order; beams reorder, finished samples drop out) and append one
+        token to each; `decode` then runs the decoder. Rows handed to a `StepwiseBatch` (no `cache`
+        of their own) leave the encoder output and cache to it."""
+        if not _is_identity(src, len(self.sample)):
             new_sample = self.sample[src]
-            if not torch.equal(new_sample, self.sample):  # rows of a sample share their encoder output
-                self.enc = self.enc.index_select(src)
-            self.cache = self.cache.reorder(src)
+            if self.cache is not None:
+                if not torch.equal(new_sample, self.sample):  # rows of a sample share their encoder output
+                    self.enc = self.enc.index_select(src)
+                self.cache = self.cache.reorder(src)
             self.sample = new_sample
             self.tokens = self.tokens[src]
         self.tokens = torch.cat([self.tokens, next_tokens[:, None]], dim=1)
-        logits, self.cache = self.model.decode(next_tokens[:, None], self.enc, self.cache)
+
+    def decode(self) -> None:
+        """Run the decoder one step on the tokens `select` appended."""
+        logits, self.cache = self.model.decode(self.tokens[:, -1:], self.enc, self.cache)
         self.logits = logits[:, -1]
 
     def hypothesis(self, row: int, logprobs: torch.Tensor, eos_logprob: float) -> Hypothesis:
@@ -320,6 +326,11 @@ class _Rows:
         lps = [*logprobs[len(logprobs) - len(tokens) :].tolist(), eos_logprob]
         score = math.fsum(lps) / len(lps) ** self.config.length_penalty
         return Hypothesis(tokens, score, lps)
+
+
+def _is_identity(src: torch.Tensor, n: int) -> bool:
+    """Whether keeping rows `src` of `n` keeps them all, in order."""
+    return len(src) == n and torch.equal(src, torch.arange(n, device=src.device))
 
 
 def _per_sample(constraints: ConstraintArg, batch: int) -> list[Constraint | None]:
@@ -377,8 +388,14 @@ class Decoding:
         self.per_sample = config.beam_size if config.do_sample else 1
         self.results: list[list[Hypothesis]] | None = None
         self._cancelled: set[int] = set()
-        search = _beam_steps if self.beam else _sample_or_greedy_steps
-        self._steps = self._collect(search(model, enc, config, constraints, prefix, self._cancelled))
+        self._inputs = (model, enc, constraints, prefix)
+        self._steps = self._collect(_steps(self._search, self._cancelled))
+
+    def _search(self) -> _Search:
+        """The search over its rows, after the decoder's first call (run lazily, by the first step)."""
+        model, enc, constraints, prefix = self._inputs
+        rows = _Rows(model, enc, self.config, constraints, prefix, self.config.beam_size)
+        return _BeamSearch(rows, self.config) if self.beam else _SampleSearch(rows, self.config)
 
     @property
     def streams(self) -> bool:
@@ -421,6 +438,101 @@ def generate(
     return Decoding(model, enc, config, constraints, prefix).run()
 
 
+class StepwiseBatch:
+    """Decodings run together, one decoder call per step over all their rows (continuous batching,
+    the encoder-decoder case of TGI's batch filter/concatenate): a `Decoding` joins between steps
+    (`join`) and leaves the step it finishes, so a short one does not wait for a long one. Each step
+    is `choose` (every decoding's `Step`; a caller may `Decoding.cancel` samples then) and `advance`.
+
+    Every decoding gets the tokens it gets alone: its search, masks and sampling generator are its
+    own (a seeded sampling decoding draws as it would alone); only the decoder call is shared. A
+    joining decoding's rows start at position 0 next to rows at step t: its first call runs on its own
+    rows and cache, which then join the batch's (`KVCache.concat`: encoder sides padded and masked,
+    each row's own length, masked keys past it). Image-code outputs cannot join (their positions are
+    not per row); run them alone."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.members: list[tuple[Decoding, _Search]] = []
+        self.enc: EncoderOutput | None = None
+        self.cache: KVCache | None = None
+        # Per row: rows with equal ids share their encoder row (the same sample of one decoding).
+        self.sample_ids = torch.zeros(0, dtype=torch.long)
+        self._next_id = 0
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    @property
+    def rows(self) -> int:
+        return len(self.sample_ids)
+
+    @torch.no_grad()
+    def join(self, decodings: Sequence[Decoding]) -> None:
+        """Start `decodings` (each its decoder's first call, on its own rows) and add their rows."""
+        if not decodings:
+            return
+        encs, caches, ids = [], [], []
+        if self.cache is not None:
+            encs, caches, ids = [self.enc], [self.cache], [self.sample_ids]
+        for decoding in decodings:
+            enc = decoding._inputs[1]
+            if enc.code_mask is not None and bool(enc.code_mask.any()):
+                raise ValueError("image-code outputs cannot join a StepwiseBatch: decode them alone")
+            search = decoding._search()
+            rows = search.rows
+            encs.append(rows.enc)
+            caches.append(rows.cache)
+            ids.append(rows.sample + self._next_id)
+            self._next_id += len(decoding._inputs[1].hidden)
+            rows.enc = rows.cache = None  # the batch's from now on
+            self.members.append((decoding, search))
+        self.sample_ids = torch.cat(ids)
+        self.enc = encs[0] if len(encs) == 1 else EncoderOutput.concat(encs)
+        self.cache = caches[0] if len(caches) == 1 else KVCache.concat(caches, self.enc)
+
+    def choose(self) -> list[tuple[Decoding, Step]]:
+        """Every decoding's step from its rows' current logits."""
+        return [(decoding, search.choose()) for decoding, search in self.members]
+
+    @torch.no_grad()
+    def advance(self) -> list[Decoding]:
+        """After `choose`: the decodings that finished (or were cancelled whole) leave, their
+        `results` set and returned; the others' rows run one decoder step together."""
+        kept: list[tuple[Decoding, _Search]] = []
+        sources, finished, offset = [], [], 0
+        for decoding, search in self.members:
+            n = len(search.rows.sample)
+            src = search.advance(decoding._cancelled)
+            if len(src):
+                kept.append((decoding, search))
+                sources.append(src + offset)
+            else:
+                decoding.results = search.results(decoding._cancelled)
+                finished.append(decoding)
+            offset += n
+        self.members = kept
+        if not kept:
+            self.enc, self.cache, self.sample_ids = None, None, self.sample_ids[:0]
+            return finished
+        src = torch.cat(sources)
+        assert self.enc is not None and self.cache is not None
+        if not _is_identity(src, len(self.sample_ids)):
+            ids = self.sample_ids[src]
+            if not torch.equal(ids, self.sample_ids):  # rows of a sample share their encoder output
+                self.enc = self.enc.index_select(src)
+            self.cache = self.cache.reorder(src)
+            self.sample_ids = ids
+        tokens = torch.cat([search.rows.tokens[:, -1:] for _, search in kept])
+        logits, self.cache = self.model.decode(tokens, self.enc, self.cache)
+        start = 0
+        for _, search in kept:
+            n = len(search.rows.sample)
+            search.rows.logits = logits[start : start + n, -1]
+            start += n
+        return finished
+
+
 def _filter_top_k_top_p(scores: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     if 0 < top_k < scores.size(1):
         kth = scores.topk(top_k, dim=1).values[:, -1:]
@@ -434,54 +546,93 @@ def _filter_top_k_top_p(scores: torch.Tensor, top_k: int, top_p: float) -> torch
     return scores
 
 
+class _Search(Protocol):
+    """One search over its `_Rows`, a step at a time: `choose` picks this step's tokens from the
+    rows' logits; `advance` (after the caller saw the step and maybe cancelled samples) keeps the
+    rows that go on and appends their tokens, returning the kept rows (empty once the search is
+    over); then the decoder runs on them (`_Rows.decode`, or a `StepwiseBatch` for several searches)."""
+
+    rows: _Rows
+
+    def choose(self) -> Step: ...
+
+    def advance(self, cancelled: set[int]) -> torch.Tensor: ...
+
+    def results(self, cancelled: set[int]) -> list[list[Hypothesis]]: ...
+
+
 @torch.no_grad()
-def _sample_or_greedy_steps(
-    model, enc, config, constraints, prefix, cancelled: set[int]
+def _steps(
+    start: Callable[[], _Search], cancelled: set[int]
 ) -> Generator[Step, None, list[list[Hypothesis]]]:
-    per_sample = config.beam_size if config.do_sample else 1
-    rows = _Rows(model, enc, config, constraints, prefix, per_sample)
-    generator = None
-    if config.do_sample and config.seed is not None:
-        generator = torch.Generator(device=rows.device).manual_seed(config.seed)
-    temperature = min(max(config.temperature, TEMPERATURE_RANGE[0]), TEMPERATURE_RANGE[1])
-    origin = torch.arange(len(rows.sample), device=rows.device)  # output slot of each live row
-    history = torch.zeros(len(origin), rows.tokens.size(1) - 1, device=rows.device)
-    out: list[Hypothesis | None] = [None] * len(origin)
+    """A search run alone: its steps, then its results."""
+    search = start()
     while True:
+        yield search.choose()
+        if len(search.advance(cancelled)) == 0:
+            return search.results(cancelled)
+        search.rows.decode()
+
+
+class _SampleSearch:
+    """Greedy (argmax) or sampling, `beam_size` independent draws per sample with `do_sample`. The
+    draws come from one generator seeded with `config.seed` (the global one without a seed)."""
+
+    def __init__(self, rows: _Rows, config: GenerationConfig) -> None:
+        self.rows, self.config = rows, config
+        self.per_sample = config.beam_size if config.do_sample else 1
+        self.generator = None
+        if config.do_sample and config.seed is not None:
+            self.generator = torch.Generator(device=rows.device).manual_seed(config.seed)
+        self.temperature = min(max(config.temperature, TEMPERATURE_RANGE[0]), TEMPERATURE_RANGE[1])
+        self.origin = torch.arange(len(rows.sample), device=rows.device)  # output slot of each live row
+        self.history = torch.zeros(len(self.origin), rows.tokens.size(1) - 1, device=rows.device)
+        self.out: list[Hypothesis | None] = [None] * len(self.origin)
+
+    def choose(self) -> Step:
+        config, rows = self.config, self.rows
         lprobs = rows.logprobs()
         if config.do_sample:
             # lprobs differ from logits by a per-row constant, so lprobs / T is softmax(logits / T).
-            scores = _filter_top_k_top_p(lprobs / temperature, config.top_k, config.top_p)
-            tokens = torch.multinomial(scores.softmax(dim=1), 1, generator=generator).squeeze(1)
+            scores = _filter_top_k_top_p(lprobs / self.temperature, config.top_k, config.top_p)
+            tokens = torch.multinomial(scores.softmax(dim=1), 1, generator=self.generator).squeeze(1)
         else:
             tokens = lprobs.argmax(dim=1)
         picked = lprobs.gather(1, tokens[:, None]).squeeze(1)
         done = tokens == EOS
         ended = done.nonzero().squeeze(1).tolist()
         for r in ended:
-            out[int(origin[r])] = rows.hypothesis(r, history[r], float(picked[r]))
+            self.out[int(self.origin[r])] = rows.hypothesis(r, self.history[r], float(picked[r]))
+        self._chosen = tokens, picked, done
         written = ~done & (rows.generated_len() >= 0)  # not eos, not a forced prefix token
-        yield Step(origin[written], tokens[written], origin[ended].tolist())
+        return Step(self.origin[written], tokens[written], self.origin[ended].tolist())
+
+    def advance(self, cancelled: set[int]) -> torch.Tensor:
+        tokens, picked, done = self._chosen
         live = ~done
         if cancelled:
-            gone = torch.tensor(sorted(cancelled), device=rows.device)
-            live &= ~torch.isin(rows.sample, gone)
+            gone = torch.tensor(sorted(cancelled), device=self.rows.device)
+            live &= ~torch.isin(self.rows.sample, gone)
         keep = live.nonzero().squeeze(1)
-        if len(keep) == 0:
-            break
-        history = torch.cat([history[keep], picked[keep, None]], dim=1)
-        origin = origin[keep]
-        rows.advance(keep, tokens[keep])
-    # Every row ends with eos unless its sample was cancelled (its result is then empty).
-    return [
-        [] if b in cancelled else sorted(out[b * per_sample : (b + 1) * per_sample], key=lambda h: -h.score)
-        for b in range(len(out) // per_sample)
-    ]
+        if len(keep):
+            self.history = torch.cat([self.history[keep], picked[keep, None]], dim=1)
+            self.origin = self.origin[keep]
+            self.rows.select(keep, tokens[keep])
+        return keep
+
+    def results(self, cancelled: set[int]) -> list[list[Hypothesis]]:
+        # Every row ends with eos unless its sample was cancelled (its result is then empty).
+        k, out = self.per_sample, self.out
+        return [
+            [] if b in cancelled else sorted(out[b * k : (b + 1) * k], key=lambda h: -h.score)  # type: ignore[union-attr]
+            for b in range(len(out) // k)
+        ]
 
 
 def _beam_search(model, enc, config, constraints, prefix) -> list[list[Hypothesis]]:
     """Beam search to its end (what `generate` runs for `beam_size > 1`, whatever `do_sample`)."""
-    steps = _beam_steps(model, enc, config, constraints, prefix, set())
+    rows = lambda: _BeamSearch(_Rows(model, enc, config, constraints, prefix, config.beam_size), config)
+    steps = _steps(rows, set())
     while True:
         try:
             next(steps)
@@ -489,64 +640,77 @@ def _beam_search(model, enc, config, constraints, prefix) -> list[list[Hypothesi
             return end.value
 
 
-@torch.no_grad()
-def _beam_steps(
-    model, enc, config, constraints, prefix, cancelled: set[int]
-) -> Generator[Step, None, list[list[Hypothesis]]]:
+class _BeamSearch:
     """Beam search over B*K rows. Like fairseq/HF: each step takes the top 2K (beam, token) pairs of
     a sample; eos pairs ranked within the top K finish a hypothesis, the best K others stay live. A
     sample stops once it has K finished hypotheses and its best live beam, scored as if it ended
     now, cannot beat the worst of them (HF's default), or when no live beam is left."""
-    k, lp = config.beam_size, config.length_penalty
-    rows = _Rows(model, enc, config, constraints, prefix, k)
-    device, batch = rows.device, len(rows.sample) // k
-    samples = torch.arange(batch, device=device)  # live samples, in row order
-    # Only beam 0 starts live: the K rows are identical copies until the first choice.
-    beam_scores = torch.full((batch, k), -math.inf, device=device)
-    beam_scores[:, 0] = 0.0
-    history = torch.zeros(batch * k, rows.tokens.size(1) - 1, device=device)
-    best_finished = torch.full((batch, k), -math.inf, device=device)  # top-K finished scores, live samples
-    finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
-    rank = torch.arange(2 * k, device=device)
-    while True:
+
+    def __init__(self, rows: _Rows, config: GenerationConfig) -> None:
+        self.rows, self.config = rows, config
+        k, device = config.beam_size, rows.device
+        batch = len(rows.sample) // k
+        self.samples = torch.arange(batch, device=device)  # live samples, in row order
+        # Only beam 0 starts live: the K rows are identical copies until the first choice.
+        self.beam_scores = torch.full((batch, k), -math.inf, device=device)
+        self.beam_scores[:, 0] = 0.0
+        self.history = torch.zeros(batch * k, rows.tokens.size(1) - 1, device=device)
+        self.best_finished = torch.full((batch, k), -math.inf, device=device)  # top-K finished scores
+        self.finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
+        self.rank = torch.arange(2 * k, device=device)
+
+    def choose(self) -> Step:
+        k, lp, rows, device = self.config.beam_size, self.config.length_penalty, self.rows, self.rows.device
         lprobs = rows.logprobs()
-        live, vocab = len(samples), lprobs.size(1)
+        live, vocab = len(self.samples), lprobs.size(1)
         length = (rows.generated_len().view(live, k)[:, 0] + 1).clamp(min=1).float()  # incl. this token
-        cand = (beam_scores.view(-1, 1) + lprobs).view(live, k * vocab)
+        cand = (self.beam_scores.view(-1, 1) + lprobs).view(live, k * vocab)
         top_scores, top_idx = cand.topk(2 * k, dim=1)
         src = top_idx // vocab + (torch.arange(live, device=device) * k)[:, None]  # row of each pair
         tokens = top_idx % vocab
         token_lp = lprobs[src, tokens]
         is_eos = tokens == EOS
 
-        ends = is_eos & (rank < k) & torch.isfinite(top_scores)
+        ends = is_eos & (self.rank < k) & torch.isfinite(top_scores)
         end_scores = torch.where(ends, top_scores / length[:, None] ** lp, -math.inf)
-        best_finished = torch.cat([best_finished, end_scores], dim=1).topk(k, dim=1).values
+        self.best_finished = torch.cat([self.best_finished, end_scores], dim=1).topk(k, dim=1).values
         for i, j in ends.nonzero().tolist():
             r = int(src[i, j])
-            finished[int(samples[i])].append(rows.hypothesis(r, history[r], float(token_lp[i, j])))
+            self.finished[int(self.samples[i])].append(
+                rows.hypothesis(r, self.history[r], float(token_lp[i, j]))
+            )
 
         # The best K non-eos pairs stay live (there are always K: each beam has one eos pair).
-        order = (is_eos.long() * 2 * k + rank).argsort(dim=1)[:, :k]
-        beam_scores = top_scores.gather(1, order)
-        best_live = beam_scores[:, 0] / length**lp
-        worst = best_finished[:, -1]  # -inf until K hypotheses have finished
+        order = (is_eos.long() * 2 * k + self.rank).argsort(dim=1)[:, :k]
+        self.beam_scores = top_scores.gather(1, order)
+        best_live = self.beam_scores[:, 0] / length**lp
+        worst = self.best_finished[:, -1]  # -inf until K hypotheses have finished
         done = ~torch.isfinite(best_live) | (torch.isfinite(worst) & (best_live <= worst))
-        yield Step(_NO_STEP_TOKENS, _NO_STEP_TOKENS, [])
+        self._chosen = src, tokens, token_lp, order, done
+        return Step(_NO_STEP_TOKENS, _NO_STEP_TOKENS, [])
+
+    def advance(self, cancelled: set[int]) -> torch.Tensor:
+        src, tokens, token_lp, order, done = self._chosen
         if cancelled:
-            done |= torch.isin(samples, torch.tensor(sorted(cancelled), device=device))
+            done = done | torch.isin(self.samples, torch.tensor(sorted(cancelled), device=self.rows.device))
         keep = (~done).nonzero().squeeze(1)
         if len(keep) == 0:
-            break
+            return keep
         keep_rows = src.gather(1, order)[keep].flatten()
         next_tokens = tokens.gather(1, order)[keep].flatten()
         picked = token_lp.gather(1, order)[keep].flatten()
-        history = torch.cat([history[keep_rows], picked[:, None]], dim=1)
-        beam_scores, samples, best_finished = beam_scores[keep], samples[keep], best_finished[keep]
-        rows.advance(keep_rows, next_tokens)
-    return [
-        [] if b in cancelled else sorted(hyps, key=lambda h: -h.score)[:k] for b, hyps in enumerate(finished)
-    ]
+        self.history = torch.cat([self.history[keep_rows], picked[:, None]], dim=1)
+        self.beam_scores, self.samples = self.beam_scores[keep], self.samples[keep]
+        self.best_finished = self.best_finished[keep]
+        self.rows.select(keep_rows, next_tokens)
+        return keep_rows
+
+    def results(self, cancelled: set[int]) -> list[list[Hypothesis]]:
+        k = self.config.beam_size
+        return [
+            [] if b in cancelled else sorted(hyps, key=lambda h: -h.score)[:k]
+            for b, hyps in enumerate(self.finished)
+        ]
 
 
 @torch.no_grad()

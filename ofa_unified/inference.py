@@ -19,15 +19,23 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 import torch
 from PIL import Image
 
 from ofa_unified.checkpoint import load_checkpoint
 from ofa_unified.data.preprocess import ImageTransform
-from ofa_unified.generate import Decoding, GenerationConfig, Hypothesis, score_candidates
+from ofa_unified.generate import (
+    Decoding,
+    GenerationConfig,
+    Hypothesis,
+    Step,
+    StepwiseBatch,
+    score_candidates,
+)
 from ofa_unified.model import PAD_ID, OFAModel
+from ofa_unified.quantize import check_quantize, quantize_model
 from ofa_unified.tasks import (
     ParseError,
     Task,
@@ -110,8 +118,12 @@ class Predictor:
         vq=None,
         image_size: int | None = None,
         max_source_tokens: int | None = None,
+        quantize: str = "none",
     ):
-        self.model = model.to(device).eval()
+        """`quantize="int8"`: run a dynamically int8-quantized copy of the model (CPU only; the
+        speed and accuracy it trades are in bench/README.md, "int8 and ONNX on the CPU")."""
+        self.quantize = check_quantize(quantize)
+        self.model = quantize_model(model.to(device).eval(), quantize)
         self.vocab = vocab
         self.device = torch.device(device)
         self.vq = vq.to(device).eval() if vq is not None else None
@@ -229,13 +241,20 @@ class Predictor:
         )
 
     def _run(self, batch: list[_Prepared]) -> list[dict]:
-        enc = self._encode(batch)
-        prefix = None
-        if self.model.config.prompt_type == "prev_output":
-            prefix = [p.source_ids[1:-1] for p in batch]
-        decoding = Decoding(self.model, enc, batch[0].config, [p.constraint for p in batch], prefix)
-        follow = any(p.request.listener is not None for p in batch)
-        hyps = self._follow(decoding, batch) if follow else decoding.run()
+        group = _Group(self, batch)
+        if group.waiting:
+            for step in group.decoding:
+                group.follow(step)
+        else:
+            group.decoding.run()
+        return group.results()
+
+    def stepwise(self) -> StepwiseSession:
+        """A session that decodes requests a step at a time, joining and leaving between steps (the
+        server's continuous batching)."""
+        return StepwiseSession(self)
+
+    def _results(self, batch: list[_Prepared], enc, hyps: list[list[Hypothesis]]) -> list[dict]:
         seen = (~enc.padding_mask).sum(dim=1).tolist()  # text tokens + image patches per request
         out = [
             self._result(p, h, n) if h else {"task": p.request.task, "cancelled": True}
@@ -243,26 +262,6 @@ class Predictor:
         ]
         self._add_probabilities(batch, enc, out)
         return out
-
-    def _follow(self, decoding: Decoding, batch: list[_Prepared]) -> list[list[Hypothesis]]:
-        """Decode step by step: a streaming listener gets its request's new tokens and text (when the
-        search streams), and a request whose listener is cancelled leaves the batch."""
-        waiting = {i: p.request.listener for i, p in enumerate(batch) if p.request.listener is not None}
-        written: dict[int, list[int]] = {i: [] for i in waiting}
-        for step in decoding:
-            if decoding.streams:
-                for slot, token in step.pairs():
-                    listener = waiting.get(slot)
-                    if listener is not None and listener.streaming and not listener.cancelled:
-                        written[slot].append(token)
-                        listener.tokens([token], self._text(batch[slot], written[slot]))
-            gone = [i for i, listener in waiting.items() if listener.cancelled]
-            if gone:
-                decoding.cancel(gone)
-                for i in gone:
-                    del waiting[i]
-        assert decoding.results is not None
-        return decoding.results
 
     def _text(self, p: _Prepared, tokens: list[int]) -> str:
         """The `text` that `_result` gives these tokens: the parser's text where it reads one
@@ -470,3 +469,116 @@ class Predictor:
         if p.task.name == "image_infilling":
             pixels = paste_middle(p.image, pixels)
         return tensor_to_pil(pixels).resize(p.size, Image.Resampling.BICUBIC)
+
+
+class _Group:
+    """Requests decoded as one `Decoding` over one encoder pass: a streaming listener gets its
+    request's new tokens and text (when the search streams) step by step, a request whose listener is
+    cancelled leaves the batch, and `results` makes the predictor's results once decoding is over."""
+
+    def __init__(self, predictor: Predictor, batch: list[_Prepared]) -> None:
+        self.predictor, self.batch = predictor, batch
+        self.enc = predictor._encode(batch)
+        prefix = None
+        if predictor.model.config.prompt_type == "prev_output":
+            prefix = [p.source_ids[1:-1] for p in batch]
+        constraints = [p.constraint for p in batch]
+        self.decoding = Decoding(predictor.model, self.enc, batch[0].config, constraints, prefix)
+        self.waiting = {i: p.request.listener for i, p in enumerate(batch) if p.request.listener is not None}
+        self.written: dict[int, list[int]] = {i: [] for i in self.waiting}
+
+    def follow(self, step: Step) -> None:
+        if self.decoding.streams:
+            for slot, token in step.pairs():
+                listener = self.waiting.get(slot)
+                if listener is not None and listener.streaming and not listener.cancelled:
+                    self.written[slot].append(token)
+                    listener.tokens([token], self.predictor._text(self.batch[slot], self.written[slot]))
+        gone = [i for i, listener in self.waiting.items() if listener.cancelled]
+        if gone:
+            self.decoding.cancel(gone)
+            for i in gone:
+                del self.waiting[i]
+
+    def results(self) -> list[dict]:
+        assert self.decoding.results is not None
+        return self.predictor._results(self.batch, self.enc, self.decoding.results)
+
+
+K = TypeVar("K")
+Outcome = tuple[K, dict | Exception]
+
+
+class StepwiseSession(Generic[K]):
+    """`Predictor.predict` a step at a time, for a server (continuous batching): requests join between
+    decoding steps (`add`) and each one's result comes out of the `step` its decoding ends, so a
+    short request does not wait for a long one. Every request gets the tokens it gets alone
+    (`StepwiseBatch`); sampling requests decode as their own group, so a seed draws as it would alone.
+    Requests with equal settings that arrive together share a group, as in `predict`. Image-code
+    outputs cannot join the step-wise batch: `add` runs them to their end (a whole batch between
+    steps). Keys are the caller's handles of its requests; outcomes pair them with a result or the
+    exception that request raised."""
+
+    def __init__(self, predictor: Predictor) -> None:
+        self.predictor = predictor
+        self.batch = StepwiseBatch(predictor.model)
+        self.groups: dict[Decoding, tuple[_Group, list[K]]] = {}
+
+    def __len__(self) -> int:
+        """Requests decoding now."""
+        return sum(len(keys) for _, keys in self.groups.values())
+
+    @torch.inference_mode()
+    def add(self, requests: Sequence[tuple[K, Request]]) -> list[Outcome]:
+        """Start `requests` (their encoder pass and first decoder call); returns the outcomes known
+        already: requests that failed (alone: a failing group is retried request by request) and
+        image-code outputs."""
+        done: list[Outcome] = []
+        groups: dict[tuple, list[tuple[K, _Prepared]]] = {}
+        for key, request in requests:
+            try:
+                p = self.predictor._prepare(request)
+            except Exception as e:
+                done.append((key, e))
+                continue
+            alone = p.config.do_sample
+            groups.setdefault((id(p),) if alone else (repr(p.config), p.code_output), []).append((key, p))
+        for members in groups.values():
+            done += self._start(members)
+        return done
+
+    def _start(self, members: list[tuple[K, _Prepared]]) -> list[Outcome]:
+        keys, batch = [k for k, _ in members], [p for _, p in members]
+        try:
+            if batch[0].code_output:
+                return list(zip(keys, self.predictor._run(batch), strict=True))
+            group = _Group(self.predictor, batch)
+            self.batch.join([group.decoding])
+        except Exception as e:
+            if len(members) == 1:
+                return [(keys[0], e)]
+            return [outcome for member in members for outcome in self._start([member])]
+        self.groups[group.decoding] = (group, keys)
+        return []
+
+    @torch.inference_mode()
+    def step(self) -> list[Outcome]:
+        """One decoding step of every request: listeners get their tokens, cancelled requests leave;
+        returns the outcomes of the requests whose decoding ended. An error in the shared step fails
+        every request in it (the session is empty afterwards)."""
+        try:
+            for decoding, step in self.batch.choose():
+                self.groups[decoding][0].follow(step)
+            finished = self.batch.advance()
+        except Exception as e:
+            keys = [k for _, ks in self.groups.values() for k in ks]
+            self.batch, self.groups = StepwiseBatch(self.predictor.model), {}
+            return [(k, e) for k in keys]
+        done: list[Outcome] = []
+        for decoding in finished:
+            group, keys = self.groups.pop(decoding)
+            try:
+                done += zip(keys, group.results(), strict=True)
+            except Exception as e:
+                done += [(k, e) for k in keys]
+        return done

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import lru_cache
 from pathlib import Path
@@ -244,6 +245,42 @@ class EncoderOutput:
         idx = torch.arange(self.hidden.size(0), device=self.hidden.device).repeat_interleave(n)
         return self.index_select(idx)
 
+    @staticmethod
+    def concat(outputs: Sequence[EncoderOutput]) -> EncoderOutput:
+        """The rows of several outputs as one batch (a step-wise batch takes in new requests):
+        shorter sources are padded to the longest, their padding masked (zeros elsewhere, so that a
+        masked position is finite)."""
+        width = max(o.hidden.size(1) for o in outputs)
+        codes = [o.code_mask for o in outputs]
+        code_mask = None
+        if any(c is not None for c in codes):
+            code_mask = torch.cat(
+                [
+                    o.hidden.new_zeros(len(o.hidden), dtype=torch.bool) if c is None else c
+                    for o, c in zip(outputs, codes, strict=True)
+                ]
+            )
+        return EncoderOutput(
+            cat_padded([o.hidden for o in outputs], 1, width),
+            cat_padded([o.padding_mask for o in outputs], 1, width, True),
+            cat_padded([o.pos_embed for o in outputs], 1, width),
+            code_mask,
+        )
+
+
+def cat_padded(parts: Sequence[torch.Tensor], dim: int, width: int, value: float | bool = 0) -> torch.Tensor:
+    """`parts` concatenated along dim 0, each padded with `value` along `dim` to `width`, in one copy
+    (a step-wise batch joins its rows to new ones at every admission)."""
+    first = parts[0]
+    shape = [sum(p.size(0) for p in parts), *first.shape[1:]]
+    shape[dim] = width
+    out = first.new_full(shape, value)
+    row = 0
+    for p in parts:
+        out[row : row + p.size(0)].narrow(dim, 0, p.size(dim)).copy_(p)
+        row += p.size(0)
+    return out
+
 
 @dataclass
 class KVCache:
@@ -254,7 +291,12 @@ class KVCache:
     the cross-attention position bias. `reorder` moves the self-attention rows at once and the
     encoder-side rows lazily: if the next step passes `source` itself (beams reordered within their
     samples, whose encoder rows are copies), nothing moves; a new encoder output (samples that
-    finished dropped out) gathers them then."""
+    finished dropped out) gathers them then.
+
+    Rows of a step-wise batch (`concat`) sit at different positions: `lengths` holds each row's
+    valid positions (left-aligned in the buffers, `length` their maximum; None while all rows have
+    `length`), and such a cache takes one token per row and step. Buffers start zeroed, so the
+    unused slots a shorter row's attention masks out are finite."""
 
     self_kv: list[tuple[torch.Tensor, torch.Tensor]]
     cross_kv: list[tuple[torch.Tensor, torch.Tensor]]
@@ -262,28 +304,82 @@ class KVCache:
     source: EncoderOutput | None = None
     cross_pos_k: torch.Tensor | None = None  # [B, H, hd, S] (or broadcastable), scaled as it is used
     pending: torch.Tensor | None = None  # rows of `source` for the current rows, if reordered since
+    lengths: torch.Tensor | None = None  # [B] valid positions per row, where rows differ
 
     def reorder(self, idx: torch.Tensor) -> KVCache:
-        self.self_kv = [(k.index_select(0, idx), v.index_select(0, idx)) for k, v in self.self_kv]
+        # The valid positions and room for 32 more move, not the whole capacity (a batch's rows share
+        # its longest row's: a step-wise batch's short rows would copy a long one's buffer).
+        room = self.length + 32
+        self.self_kv = [
+            (k[:, :, :room].index_select(0, idx), v[:, :, :room].index_select(0, idx))
+            for k, v in self.self_kv
+        ]
         self.pending = idx if self.pending is None else self.pending[idx]
+        if self.lengths is not None:
+            self._set_lengths(self.lengths[idx])
         return self
 
+    def _set_lengths(self, lengths: torch.Tensor) -> None:
+        """Per-row lengths; back to one shared `length` (the plain decoder path) once they agree."""
+        longest = int(lengths.max())
+        self.length = longest
+        self.lengths = None if bool((lengths == longest).all()) else lengths
+
+    @staticmethod
+    def concat(caches: Sequence[KVCache], source: EncoderOutput) -> KVCache:
+        """The rows of several caches as one, for `source` (the `EncoderOutput.concat` of theirs,
+        which each cache must be current for: no pending reorder). Self-attention positions are
+        copied left-aligned into new buffers and the encoder side is padded to `source`'s width."""
+        if any(c.pending is not None for c in caches):
+            raise ValueError("KVCache.concat needs caches without a pending reorder")
+        width, longest = source.hidden.size(1), max(c.length for c in caches)
+        self_kv = [
+            tuple(
+                cat_padded([c.self_kv[layer][i][:, :, : c.length] for c in caches], 2, longest + 32)
+                for i in range(2)
+            )
+            for layer in range(len(caches[0].self_kv))
+        ]
+        cross_kv = [
+            tuple(cat_padded([c.cross_kv[layer][i] for c in caches], 2, width) for i in range(2))
+            for layer in range(len(caches[0].cross_kv))
+        ]
+        pos_k = [c.cross_pos_k for c in caches]
+        cross_pos_k = None if any(k is None for k in pos_k) else cat_padded(pos_k, 3, width)
+        lengths = torch.cat(
+            [
+                c.lengths
+                if c.lengths is not None
+                else torch.full((c.self_kv[0][0].size(0),), c.length, device=source.hidden.device)
+                for c in caches
+            ]
+        )
+        out = KVCache(self_kv, cross_kv, longest, source, cross_pos_k)  # type: ignore[arg-type]
+        out._set_lengths(lengths)
+        return out
+
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write one layer's new keys/values [B, H, T, d] after the cached `length` positions (the
-        caller advances `length` once per step) and return views of all valid positions."""
+        """Write one layer's new keys/values [B, H, T, d] after the cached `length` positions (each
+        row's own `lengths`, T = 1, where rows differ; the caller advances them once per step) and
+        return views of all valid positions."""
         end = self.length + k.size(2)
         if layer == len(self.self_kv):  # first call: room for this call and 32 more positions
             shape = (*k.shape[:2], end + 32, k.size(3))
-            self.self_kv.append((k.new_empty(shape), v.new_empty(shape)))
+            self.self_kv.append((k.new_zeros(shape), v.new_zeros(shape)))
         buf_k, buf_v = self.self_kv[layer]
         if end > buf_k.size(2):  # full: double the capacity (amortised O(1) per step)
-            grown = [b.new_empty((*b.shape[:2], 2 * end, b.size(3))) for b in (buf_k, buf_v)]
+            grown = [b.new_zeros((*b.shape[:2], 2 * end, b.size(3))) for b in (buf_k, buf_v)]
             for new, old in zip(grown, (buf_k, buf_v), strict=True):
                 new[:, :, : self.length] = old[:, :, : self.length]
             buf_k, buf_v = grown
             self.self_kv[layer] = (buf_k, buf_v)
-        buf_k[:, :, self.length : end] = k
-        buf_v[:, :, self.length : end] = v
+        if self.lengths is not None:
+            rows = torch.arange(k.size(0), device=k.device)
+            buf_k[rows, :, self.lengths] = k[:, :, 0]
+            buf_v[rows, :, self.lengths] = v[:, :, 0]
+        else:
+            buf_k[:, :, self.length : end] = k
+            buf_v[:, :, self.length : end] = v
         return buf_k[:, :, :end], buf_v[:, :, :end]
 
     def for_source(self, enc: EncoderOutput) -> bool:
@@ -518,8 +614,9 @@ def position_linears(d: int, on: bool) -> tuple[nn.Linear | None, nn.Linear | No
 
 
 def relative_bias(table: nn.Embedding, buckets: torch.Tensor) -> torch.Tensor:
-    """Look up a per-layer relative position table: [Tq, Tk] bucket ids -> [H, Tq, Tk]."""
-    return F.embedding(buckets, table.weight).permute(2, 0, 1)
+    """Look up a per-layer relative position table: [..., Tq, Tk] bucket ids -> [..., H, Tq, Tk]."""
+    out = F.embedding(buckets, table.weight)
+    return out.movedim(out.dim() - 1, out.dim() - 3)  # non-negative dims: ONNX's Transpose needs them
 
 
 def masked(bias: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -749,12 +846,21 @@ class Decoder(Stack):
             decoder_code_positions(cfg.code_grid_size, cfg.image_bucket_size),
             persistent=False,
         )
+        # Set by `quantize.quantize_model`: an int8 linear over the tied embedding for the logits.
+        self.output_linear: nn.Module | None = None
 
     def position_biases(
-        self, image: bool, past: int, total: int, enc: EncoderOutput, cross_keys: torch.Tensor | None = None
+        self,
+        image: bool,
+        past: int,
+        total: int,
+        enc: EncoderOutput,
+        cross_keys: torch.Tensor | None = None,
+        rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Self- and cross-attention absolute biases for steps past..total-1 (text or code positions);
-        `cross_keys`: `position_keys` of the encoder positions, where the cache has them."""
+        """Self- and cross-attention absolute biases for steps past..total-1 (text or code positions),
+        or with `rows` for one step of each row at its own position (`KVCache.lengths`); `cross_keys`:
+        `position_keys` of the encoder positions, where the cache has them."""
         if image:
             if total > self.image_position_idx.numel():
                 raise ValueError(f"code output of {total} steps exceeds the code position table")
@@ -762,11 +868,12 @@ class Decoder(Stack):
         else:
             tgt = self.pos_ln(self.embed_positions.weight[:total])
         heads = self.cfg.decoder_heads
-        self_bias = position_bias(self.self_pos_q_linear, self.self_pos_k_linear, tgt[past:], tgt, heads)
+        query = tgt[past:] if rows is None else tgt[rows].unsqueeze(1)  # [T, d] or [B, 1, d]
+        self_bias = position_bias(self.self_pos_q_linear, self.self_pos_k_linear, query, tgt, heads)
         cross_bias = position_bias(
-            self.cross_pos_q_linear, self.cross_pos_k_linear, tgt[past:], enc.pos_embed, heads, cross_keys
+            self.cross_pos_q_linear, self.cross_pos_k_linear, query, enc.pos_embed, heads, cross_keys
         )
-        return self_bias.unsqueeze(0), cross_bias
+        return self_bias.unsqueeze(0) if rows is None else self_bias, cross_bias
 
     def encoder_side(self, enc: EncoderOutput, cache: KVCache) -> None:
         """Fill `cache` with what depends on `enc` alone: per layer the cross-attention keys/values
@@ -792,6 +899,10 @@ class Decoder(Stack):
         code = enc.code_mask
         rows = code_rows(code)
         any_code, all_code = rows is not False, rows is True
+        # Rows at their own positions (a step-wise batch): one token each, text rows only.
+        positions = cache.lengths if cache is not None else None
+        if positions is not None and (T != 1 or any_code):
+            raise ValueError("rows at different positions decode one text token per step")
 
         x = self.embed_tokens(tokens)
         if all_code:
@@ -808,7 +919,7 @@ class Decoder(Stack):
             cache = cache if cache is not None else KVCache([], [], 0)
             self.encoder_side(enc, cache)
         cross_keys = cache.cross_pos_k if cache is not None else None
-        self_abs, cross_abs = self.position_biases(all_code, past, total, enc, cross_keys)
+        self_abs, cross_abs = self.position_biases(all_code, past, total, enc, cross_keys, positions)
         if any_code and not all_code:
             img_self, img_cross = self.position_biases(True, past, total, enc, cross_keys)
             sel = code[:, None, None, None]
@@ -816,10 +927,15 @@ class Decoder(Stack):
         cross_bias = (
             masked(cross_abs, enc.padding_mask[:, None, None, :]) if enc.padding_mask.any() else cross_abs
         )
-        causal = None
+        causal = None  # masked keys: the future, or a shorter row's unused slots
         if T > 1:
             causal = torch.ones(T, total, dtype=torch.bool, device=tokens.device).triu(past + 1)
-        text_buckets = self.token_rp_bucket[past:total, :total]
+        if positions is None:
+            text_buckets = self.token_rp_bucket[past:total, :total]
+        else:
+            text_buckets = self.token_rp_bucket[positions, :total].unsqueeze(1)  # [B, 1, total]
+            keys = torch.arange(total, device=tokens.device)
+            causal = (keys > positions[:, None])[:, None, None, :]
         code_ids = self.image_position_idx[:total] if any_code else None
 
         for i, layer in enumerate(self.layers):
@@ -840,13 +956,18 @@ class Decoder(Stack):
             x = layer(x, self_bias, cross_bias, cross_kv, cache, i, rows)
         if cache is not None:
             cache.length = total
+            if positions is not None:
+                cache.lengths = positions + 1
         return self.output_projection(self.layer_norm(x)), cache
 
     def output_projection(self, x: torch.Tensor) -> torch.Tensor:
         """Logits over the tied embedding. Without autograd, from a contiguous [d, vocab] copy of the
         weight: one step's [B, d] @ [d, V] streams it at about twice F.linear's speed on CPU (its
         gemv over [V, d] rows reads ~7.5 GB/s; bench/README.md). The copy is remade whenever the
-        weight changes (an optimizer step or a load bumps its version)."""
+        weight changes (an optimizer step or a load bumps its version). A quantized model's int8
+        `output_linear` replaces both."""
+        if self.output_linear is not None:
+            return self.output_linear(x)
         weight = self.embed_tokens.weight
         if torch.is_grad_enabled() and weight.requires_grad:
             return F.linear(x, weight)

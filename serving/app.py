@@ -107,11 +107,16 @@ async def _startup(state: ServerState, predictor: PredictorLike | None) -> None:
     cfg = state.config
     try:
         if predictor is None:
-            device = resolve_device(cfg.device)
-            logger.info("loading checkpoint", extra={"checkpoint": cfg.checkpoint, "device": device})
+            device = resolve_device(cfg.device, cpu_only=cfg.quantize != "none")
+            logger.info(
+                "loading checkpoint",
+                extra={"checkpoint": cfg.checkpoint, "device": device, "quantize": cfg.quantize},
+            )
             from ofa_unified.inference import Predictor
 
-            predictor = await asyncio.to_thread(Predictor.from_checkpoint, cfg.checkpoint, device)
+            predictor = await asyncio.to_thread(
+                Predictor.from_checkpoint, cfg.checkpoint, device, quantize=cfg.quantize
+            )
         engine = BatchingEngine(predictor, cfg, state.metrics)
         await engine.start()
         state.engine = engine

@@ -24,13 +24,21 @@ class ServeConfig:
     """Everything `python -m serving` and `build_app` need; see `--help` for each field."""
 
     checkpoint: str = _opt("checkpoints/default", "checkpoint directory (own, HF-port or fairseq)")
-    device: str = _opt("auto", "torch device; 'auto' = cuda if available, else cpu")
+    device: str = _opt("auto", "torch device; 'auto' = cuda if available (and quantize is 'none'), else cpu")
+    quantize: str = _opt(
+        "none", "'int8': dynamically quantized int8 linears, CPU only (speed and accuracy: bench/README.md)"
+    )
     host: str = _opt("127.0.0.1", "bind address (0.0.0.0 inside a container)")
     port: int = _opt(8000, "TCP port")
     log_level: str = _opt("info", "log level of the JSON logs")
     # Dynamic batching
     max_batch_size: int = _opt(8, "most requests run as one Predictor.predict call (1 = batching off)")
     batch_window_ms: float = _opt(5.0, "how long the first request of a batch waits for company")
+    continuous_batching: bool = _opt(
+        True,
+        "requests join the running batch between decoding steps and leave when done (off: a batch "
+        "is formed once and runs to its end)",
+    )
     max_queue_depth: int = _opt(64, "requests waiting for the model beyond this get 503")
     request_timeout_s: float = _opt(30.0, "a request not answered within this gets 504")
     retry_after_s: int = _opt(1, "Retry-After seconds sent with 503")
@@ -87,6 +95,9 @@ class ServeConfig:
         for name in ("request_timeout_s", "image_fetch_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        from ofa_unified.quantize import check_quantize
+
+        check_quantize(self.quantize)
 
     @staticmethod
     def env_name(name: str) -> str:
@@ -146,10 +157,11 @@ def _parse(type_name: str, raw: str) -> Any:
     return _TYPES[type_name](raw)
 
 
-def resolve_device(device: str) -> str:
-    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'; anything else unchanged."""
+def resolve_device(device: str, cpu_only: bool = False) -> str:
+    """'auto' -> 'cuda' when a GPU is visible and the model may use it (not `cpu_only`: an int8
+    model), else 'cpu'; anything else unchanged."""
     if device != "auto":
         return device
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if torch.cuda.is_available() and not cpu_only else "cpu"

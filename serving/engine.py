@@ -1,13 +1,22 @@
 """The engine: a bounded queue, dynamic batching and one worker thread that runs the model.
 
-Requests that arrive within `batch_window_ms` of the first waiting one (up to `max_batch_size`) run as
-one `Predictor.predict` call, which already groups requests with equal decoding settings into one
-generate call. The model runs on a single worker thread, so the event loop keeps accepting, queueing
-and answering (health, metrics, 503s) while a batch runs; requests that arrive meanwhile form the next
-batch. A request that times out or whose client goes away leaves the queue; if its batch is already
-running, its row leaves the batch at the next decoding step (the batch ends early if nothing is
-left). A batch that raises is retried one request at a time, so one bad request fails alone (a
-request that has already streamed tokens fails instead: a retry would send them again).
+Continuous batching (`continuous_batching`, the default): the worker decodes a step at a time
+(`Predictor.stepwise`), and between steps queued requests join the running ones, up to
+`max_batch_size` requests, and finished ones are answered, so a short request does not wait for a
+long one's batch to end. Each request gets the tokens it would get alone. When nothing runs, the first
+request waits `batch_window_ms` for company, as below. A request that fails to start fails alone;
+an error in a shared decoding step fails the requests in it.
+
+Without it, requests that arrive within `batch_window_ms` of the first waiting one (up to
+`max_batch_size`) run as one `Predictor.predict` call, which already groups requests with equal
+decoding settings into one generate call, and the batch runs to its end; requests that arrive
+meanwhile form the next batch. A batch that raises is retried one request at a time, so one bad
+request fails alone (a request that has already streamed tokens fails instead: a retry would send
+them again).
+
+Either way the model runs on a single worker thread, so the event loop keeps accepting, queueing and
+answering (health, metrics, 503s) while it decodes. A request that times out or whose client goes
+away leaves the queue; if it is already decoding, its row leaves the batch at the next decoding step.
 
 Streaming (`stream`): the request queues, batches and times out like any other; the worker thread
 hands each decoded token to the event loop as it is chosen, and the caller iterates them.
@@ -23,6 +32,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -36,6 +46,12 @@ from serving.telemetry import ServeMetrics
 
 logger = logging.getLogger("serving.engine")
 T = TypeVar("T")
+# Continuous batching admits queued requests once they number a quarter of the running ones (or fill
+# the free slots), or after this many steps of waiting: each admission copies the running rows'
+# caches (`KVCache.concat`) and encodes the newcomers, so one per step would cost more than the
+# batching gains (bench/README.md, "Continuous batching"), while a few steps' wait is short.
+JOIN_FRACTION = 0.25
+JOIN_MAX_STEPS = 8
 
 
 class EngineError(Exception):
@@ -64,6 +80,8 @@ class PredictorLike(Protocol):
     has_retrieval: bool
 
     def predict(self, requests: list[Request]) -> list[dict]: ...
+
+    def stepwise(self) -> Any: ...  # an ofa_unified.inference.StepwiseSession
 
     def embed_images(self, images: list[Any]) -> Any: ...
 
@@ -169,12 +187,13 @@ class BatchingEngine:
         self.max_batch_size = config.max_batch_size
         self.window = config.batch_window_ms / 1000.0
         self.max_queue_depth = config.max_queue_depth
+        self.continuous = config.continuous_batching
         self.metrics = metrics
         self._pending: deque[_Item] = deque()
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ofa-engine")
         self._task: asyncio.Task | None = None
-        self._running = 0  # requests in the batch now on the worker thread
+        self._running = 0  # requests (or a job) now on the worker thread
         self._accepting = False
 
     @property
@@ -186,7 +205,8 @@ class BatchingEngine:
         return bool(self._pending) or self._running > 0
 
     async def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._batch_loop(), name="ofa-batcher")
+        loop = self._step_loop() if self.continuous else self._batch_loop()
+        self._task = asyncio.get_running_loop().create_task(loop, name="ofa-batcher")
         self._accepting = True
 
     async def warmup(self, request: Request) -> dict:
@@ -248,22 +268,29 @@ class BatchingEngine:
             self.metrics.queue_depth.set(len(self._pending))
             self.metrics.cancelled.labels("queued").inc()
 
+    async def _wait_for_work(self) -> None:
+        while not self._pending:
+            self._wakeup.clear()
+            await self._wakeup.wait()
+
+    async def _wait_for_company(self) -> None:
+        """Give the first waiting request `batch_window_ms` to be joined by others (not a job)."""
+        if self.window > 0 and len(self._pending) < self.max_batch_size and self._pending[0].job is None:
+            deadline = time.perf_counter() + self.window
+            while len(self._pending) < self.max_batch_size:
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0:
+                    break
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), remaining)
+                except asyncio.TimeoutError:
+                    break
+
     async def _batch_loop(self) -> None:
         while True:
-            while not self._pending:
-                self._wakeup.clear()
-                await self._wakeup.wait()
-            if self.window > 0 and len(self._pending) < self.max_batch_size and self._pending[0].job is None:
-                deadline = time.perf_counter() + self.window
-                while len(self._pending) < self.max_batch_size:
-                    remaining = deadline - time.perf_counter()
-                    if remaining <= 0:
-                        break
-                    self._wakeup.clear()
-                    try:
-                        await asyncio.wait_for(self._wakeup.wait(), remaining)
-                    except asyncio.TimeoutError:
-                        break
+            await self._wait_for_work()
+            await self._wait_for_company()
             batch = self._take()
             self.metrics.queue_depth.set(len(self._pending))
             batch = [item for item in batch if not item.future.done()]
@@ -278,21 +305,74 @@ class BatchingEngine:
                     if not item.future.done():
                         item.future.set_exception(e)
 
-    def _take(self) -> list[_Item]:
-        """The next turn: a job alone, or up to max_batch_size requests (stopping at a job)."""
+    def _take(self, limit: int | None = None) -> list[_Item]:
+        """The next turn: a job alone, or up to `limit` (max_batch_size) requests, stopping at a job."""
+        limit = self.max_batch_size if limit is None else limit
         if self._pending and self._pending[0].job is not None:
             return [self._pending.popleft()]
         batch: list[_Item] = []
-        while self._pending and len(batch) < self.max_batch_size and self._pending[0].job is None:
+        while self._pending and len(batch) < limit and self._pending[0].job is None:
             batch.append(self._pending.popleft())
         return batch
+
+    async def _step_loop(self) -> None:
+        """Continuous batching: each turn on the worker thread starts the requests that join (up to
+        max_batch_size running) and runs one decoding step; finished requests are answered between
+        turns. A job at the head of the queue runs alone between two steps."""
+        loop = asyncio.get_running_loop()
+        session = self.predictor.stepwise()
+        waited = 0  # steps run while requests were queued and none joined
+        while True:
+            if not len(session):
+                await self._wait_for_work()
+                await self._wait_for_company()
+            if self._pending and self._pending[0].job is not None:
+                job = self._pending.popleft()
+                self.metrics.queue_depth.set(len(self._pending))
+                if not job.future.done():
+                    await self._run_job(job)
+                continue
+            free = self.max_batch_size - len(session)
+            enough = min(free, math.ceil(JOIN_FRACTION * len(session)))
+            if len(self._pending) >= enough or waited >= JOIN_MAX_STEPS:
+                joining, waited = self._take(free), 0
+            else:
+                joining, waited = [], waited + 1 if self._pending else 0
+            self.metrics.queue_depth.set(len(self._pending))
+            joining = [item for item in joining if not item.future.done()]
+            start = time.perf_counter()
+            for item in joining:
+                self.metrics.queue_wait.observe(start - item.enqueued)
+            if joining:
+                self.metrics.batch_size.observe(len(session) + len(joining))
+            self._running = len(session) + len(joining)
+            self.metrics.running.set(self._running)
+            try:
+                outcomes = await loop.run_in_executor(self._executor, self._turn, session, joining)
+            except Exception as e:  # the executor itself failed (e.g. shut down)
+                logger.exception("decoding step failed")
+                outcomes = [(item, e) for item in joining]
+            finally:
+                self._running = len(session)
+                self.metrics.running.set(self._running)
+            self.metrics.batch_latency.observe(time.perf_counter() - start)
+            for item, outcome in outcomes:
+                self._deliver(item, outcome)
+
+    @staticmethod
+    def _turn(session: Any, joining: list[_Item]) -> list[tuple[_Item, dict | BaseException]]:
+        """Runs on the worker thread: start `joining`, then one step of everything running."""
+        outcomes = session.add([(item, item.request) for item in joining])
+        if len(session):
+            outcomes += session.step()
+        return outcomes
 
     async def _run_job(self, item: _Item) -> None:
         assert item.job is not None
         loop = asyncio.get_running_loop()
         self.metrics.queue_wait.observe(time.perf_counter() - item.enqueued)
-        self._running = 1
-        self.metrics.running.set(1)
+        self._running += 1  # a step-wise batch may be waiting on the worker too
+        self.metrics.running.set(self._running)
         try:
             result = await loop.run_in_executor(self._executor, item.job)
         except Exception as e:
@@ -300,8 +380,8 @@ class BatchingEngine:
                 item.future.set_exception(e)
             return
         finally:
-            self._running = 0
-            self.metrics.running.set(0)
+            self._running -= 1
+            self.metrics.running.set(self._running)
         if not item.future.done():
             item.future.set_result(result)
 
@@ -323,17 +403,21 @@ class BatchingEngine:
         self.metrics.batch_latency.observe(time.perf_counter() - start)
         logger.debug("ran batch", extra={"batch_size": len(batch), "seconds": time.perf_counter() - start})
         for item, outcome in zip(batch, outcomes, strict=True):
-            if isinstance(outcome, BaseException):
-                if not item.future.done():
-                    item.future.set_exception(outcome)
-                continue
-            if outcome.get("cancelled"):  # its row left the batch: nobody waits for it
-                self.metrics.cancelled.labels("decoding").inc()
-                continue
-            task = item.request.task or "free"
-            self.metrics.generated_tokens.labels(task).inc(len(outcome.get("tokens", ())))
+            self._deliver(item, outcome)
+
+    def _deliver(self, item: _Item, outcome: dict | BaseException) -> None:
+        if isinstance(outcome, BaseException):
             if not item.future.done():
-                item.future.set_result(outcome)
+                item.future.set_exception(outcome)
+            return
+        if outcome.get("cancelled"):  # its row left the batch: nobody waits for it
+            self.metrics.cancelled.labels("decoding").inc()
+            return
+        assert item.request is not None
+        task = item.request.task or "free"
+        self.metrics.generated_tokens.labels(task).inc(len(outcome.get("tokens", ())))
+        if not item.future.done():
+            item.future.set_result(outcome)
 
     def _predict_isolated(self, batch: list[_Item]) -> list[dict | BaseException]:
         """Runs on the worker thread. A failing batch is retried request by request, so the error

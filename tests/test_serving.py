@@ -69,7 +69,8 @@ def predictor(micro_checkpoint: Path) -> Predictor:
 
 
 class Gate:
-    """Wraps a predictor: can block its predict calls (`open` cleared) or slow them (`delay`)."""
+    """Wraps a predictor: can block its predict calls (`open` cleared) or slow them (`delay`); with
+    continuous batching, the starts of requests (`StepwiseSession.add`)."""
 
     def __init__(self, inner: Predictor, delay: float = 0.0) -> None:
         self.inner, self.delay = inner, delay
@@ -82,11 +83,35 @@ class Gate:
         return getattr(self.inner, name)
 
     def predict(self, requests: list[Request]) -> list[dict]:
+        self._pass(len(requests))
+        return self.inner.predict(requests)
+
+    def _pass(self, batch: int) -> None:
         self.entered.set()
         self.open.wait(10)
         time.sleep(self.delay)
-        self.batches.append(len(requests))
-        return self.inner.predict(requests)
+        self.batches.append(batch)
+
+    def stepwise(self) -> _GatedSession:
+        return _GatedSession(self, self.inner.stepwise())
+
+
+class _GatedSession:
+    """A step-wise session whose `add` (requests joining) passes its gate first."""
+
+    def __init__(self, gate: Gate, inner) -> None:
+        self.gate, self.inner = gate, inner
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def add(self, requests: list) -> list:
+        if requests:
+            self.gate._pass(len(requests))
+        return self.inner.add(requests)
+
+    def step(self) -> list:
+        return self.inner.step()
 
 
 def wait_ready(client: TestClient, timeout: float = 20.0) -> None:
@@ -821,7 +846,8 @@ def test_engine_streams_in_a_shared_batch_and_drops_a_closed_stream(predictor: P
     pausing = Pausing(predictor)
 
     async def scenario():
-        engine = BatchingEngine(pausing, ServeConfig(max_batch_size=4, batch_window_ms=50), metrics)
+        config = ServeConfig(max_batch_size=4, batch_window_ms=50, continuous_batching=False)
+        engine = BatchingEngine(pausing, config, metrics)
         await engine.start()
         stream = engine.stream(request, 30)
         plain = asyncio.ensure_future(engine.generate(request, 30))
@@ -861,7 +887,7 @@ def test_a_timeout_mid_stream_is_an_error_event(predictor: Predictor, png: bytes
         "temperature": 0,
         "messages": [{"role": "user", "content": content}],
     }
-    with serve(pausing, request_timeout_s=1.0, model_name="micro") as c:
+    with serve(pausing, request_timeout_s=1.0, model_name="micro", continuous_batching=False) as c:
         for path, payload in (("/v1/generate", body), ("/v1/chat/completions", chat)):
             pausing.resume.clear()
             events = sse_json(c.post(path, json=payload))

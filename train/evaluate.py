@@ -44,6 +44,7 @@ from ofa_unified.data.shapes import (
     scene_records,
 )
 from ofa_unified.inference import Predictor, Request
+from ofa_unified.quantize import QUANTIZE_MODES
 from ofa_unified.tasks import get_task, list_tasks
 
 # The tasks the shapes world gives ground truth for, split by whether the answer is an image. The
@@ -232,10 +233,16 @@ def main(argv: list[str] | None = None) -> dict:
         help="retrieval: re-rank each query's top K by the fusion model's ITM (0 = off)",
     )
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--quantize",
+        default="none",
+        choices=QUANTIZE_MODES,
+        help="int8: dynamically quantized linears (CPU; what the accuracy cost is measured with)",
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
 
-    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device)
+    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, quantize=args.quantize)
     tasks = args.tasks or TEXT_TASKS + (IMAGE_TASKS if predictor.vq is not None else [])
     unknown = sorted(set(tasks) - set(list_tasks()))
     if unknown:
@@ -254,7 +261,12 @@ def main(argv: list[str] | None = None) -> dict:
             (img, mim_record(predictor, img, rec, i))
             for i, (img, rec) in enumerate(pairs["masked_image_modeling"])
         ]
-    report: dict = {"checkpoint": str(args.checkpoint), "split": args.data or args.split, "tasks": {}}
+    report: dict = {
+        "checkpoint": str(args.checkpoint),
+        "split": args.data or args.split,
+        "quantize": args.quantize,
+        "tasks": {},
+    }
     if predictor.vq is not None and not args.data:
         # the bundled image tokenizer itself: reconstruction of the split's first n scenes
         images = torch.from_numpy(render_images(args.split, args.n, predictor.image_size)).permute(0, 3, 1, 2)
