@@ -6,9 +6,10 @@
 Each rung is a question set on a fixed pool of rendered scenes: `color1` one object, "what color is
 the star?"; `shape1` one object, "what shape is the red shape?"; `color2` / `shape2` up to two
 objects, the object named by its other attributes or its place; `vqa` the full VQA mix on full scenes;
-`ground1` / `ground2` the box of the named object; `itm1` / `itm2` / `itm` "does the image describe
-...?" over true captions and hard negatives one colour, shape or count away, on scenes of up to one,
-two or all objects; `itm1_vqa` trains on `color1` and `shape1` as well.
+`ground1` / `ground2` the box of the named object; `exist1` one object, "is there a red shape?"
+(yes / no); `itm1` / `itm2` / `itm` "does the image describe ...?" over true captions and hard
+negatives one colour, shape or count away, on scenes of up to one, two or all objects; `itm1_vqa`
+trains on `color1` and `shape1` as well.
 Each arm is a model trained end to end on it (stem included) with the recipe's optimiser (AdamW,
 betas 0.9/0.98, decay 0.01, warmup, label smoothing 0.1, clipping 1.0):
 
@@ -52,6 +53,7 @@ RUNGS = {
     "vqa": (shapes.MAX_OBJECTS, "vqa", {"color", "shape", "count", "existence", "relation"}),
     "ground1": (1, "grounding", None),
     "ground2": (2, "grounding", None),
+    "exist1": (1, "vqa", {"existence"}),
     "itm1": (1, "itm", None),
     "itm2": (2, "itm", None),
     "itm": (shapes.MAX_OBJECTS, "itm", None),
