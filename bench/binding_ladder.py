@@ -9,7 +9,7 @@ objects, the object named by its other attributes or its place; `vqa` the full V
 `ground1` / `ground2` the box of the named object; `exist1` one object, "is there a red shape?"
 (yes / no); `itm1` / `itm2` / `itm` "does the image describe ...?" over true captions and hard
 negatives one colour, shape or count away, on scenes of up to one, two or all objects; `itm1_vqa`
-trains on `color1` and `shape1` as well.
+and `exist1_vqa` train on `color1` and `shape1` as well.
 Each arm is a model trained end to end on it (stem included) with the recipe's optimiser (AdamW,
 betas 0.9/0.98, decay 0.01, warmup, label smoothing 0.1, clipping 1.0):
 
@@ -58,10 +58,30 @@ RUNGS = {
     "itm2": (2, "itm", None),
     "itm": (shapes.MAX_OBJECTS, "itm", None),
     "itm1_vqa": (1, "itm", None),
+    "exist1_vqa": (1, "vqa", {"existence"}),
+    "exist1_color": (1, "vqa", "exist_color"),
+    "exist1_color_say": (1, "vqa", "exist_color_say"),
 }
 # Rungs trained on other rungs' questions as well (validated on their own): does reading colours and
 # shapes out (VQA) give ITM the features it compares?
-TRAIN_ALSO = {"itm1_vqa": ("color1", "shape1")}
+TRAIN_ALSO = {"itm1_vqa": ("color1", "shape1"), "exist1_vqa": ("color1", "shape1")}
+
+
+def exist_color_records(scene: shapes.Scene, rng: random.Random, say: bool) -> list[dict]:
+    """The smallest verification: "is there a <colour> shape?" once with the object's colour (yes) and
+    once with another (no). `say`: the answer names the object's colour first ("green no"), so the
+    yes / no step compares two words instead of a word with pixels."""
+    color = scene.objects[0].color
+    other = rng.choice([c for c in shapes.COLORS if c != color])
+    return [
+        {
+            "question": f"is there {shapes.with_article(c + ' shape')}?",
+            "answers": [f"{color} {a}" if say else a],
+        }
+        for c, a in ((color, "yes"), (other, "no"))
+    ]
+
+
 # A box coordinate counts as read when within this many bins (one bin per pixel at 128 px): a box of
 # the smallest size (~16 px) off by 3 px on each side still overlaps its truth by IoU > 0.5.
 BIN_TOLERANCE = 3
@@ -78,11 +98,18 @@ def question_set(
     for i in range(n):
         image, scene = shapes.sample(split, i, size, max_objects)
         images.append(image_to_tensor(image))
-        for r in shapes.scene_records(scene, shapes.record_rng(scene.seed), [task_name]):
-            if kinds is None or r["question_type"] in kinds:
-                target = task.target(r, image.size, vocab, random.Random(0))
-                src = vocab.encode(task.source(r, image.size, vocab))
-                items.append((i, src, vocab.encode(target, False, False), src[1:-1] if prompt else []))
+        if isinstance(kinds, str):
+            records = exist_color_records(scene, shapes.record_rng(scene.seed), kinds.endswith("say"))
+        else:
+            records = [
+                r
+                for r in shapes.scene_records(scene, shapes.record_rng(scene.seed), [task_name])
+                if kinds is None or r["question_type"] in kinds
+            ]
+        for r in records:
+            target = task.target(r, image.size, vocab, random.Random(0))
+            src = vocab.encode(task.source(r, image.size, vocab))
+            items.append((i, src, vocab.encode(target, False, False), src[1:-1] if prompt else []))
     return torch.stack(images), items
 
 
