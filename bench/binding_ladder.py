@@ -61,7 +61,13 @@ RUNGS = {
     "exist1_vqa": (1, "vqa", {"existence"}),
     "exist1_color": (1, "vqa", "exist_color"),
     "exist1_color_say": (1, "vqa", "exist_color_say"),
+    "exist2": (2, "vqa", {"existence"}),
+    "exist2_evidence": (2, "vqa", {"existence"}),
+    "itm1_evidence": (1, "itm", None),
+    "itm2_evidence": (2, "itm", None),
 }
+# Rungs whose targets carry the record's evidence before the verdict (OFAConfig.answer_evidence).
+EVIDENCE = {"exist2_evidence", "itm1_evidence", "itm2_evidence"}
 # Rungs trained on other rungs' questions as well (validated on their own): does reading colours and
 # shapes out (VQA) give ITM the features it compares?
 TRAIN_ALSO = {"itm1_vqa": ("color1", "shape1"), "exist1_vqa": ("color1", "shape1")}
@@ -107,6 +113,8 @@ def question_set(
                 if kinds is None or r["question_type"] in kinds
             ]
         for r in records:
+            if rung not in EVIDENCE:
+                r = {k: v for k, v in r.items() if k != "evidence"}
             target = task.target(r, image.size, vocab, random.Random(0))
             src = vocab.encode(task.source(r, image.size, vocab))
             items.append((i, src, vocab.encode(target, False, False), src[1:-1] if prompt else []))
@@ -220,11 +228,12 @@ def make_model(arm: str, size: str, vocab_size: int, overrides: dict, ablate: li
 @torch.no_grad()
 def evaluate(model: nn.Module, val: list, images: torch.Tensor, bin_offset: int) -> dict:
     """Exact-answer accuracy and loss with own / swapped images; `*_near` also takes a box
-    coordinate within BIN_TOLERANCE bins (ids from `bin_offset` on) as right."""
+    coordinate within BIN_TOLERANCE bins (ids from `bin_offset` on) as right; `*_last`: the answer's
+    last token alone (the verdict of an answer written after its evidence, given the true evidence)."""
     model.eval()
     out: dict = {}
     for name, roll in (("own", False), ("swapped", True)):
-        loss, tokens, correct, near = 0.0, 0, 0, 0
+        loss, tokens, correct, near, last = 0.0, 0, 0, 0, 0
         for start in range(0, len(val), 128):
             src, img, dec, labels = batch(val[start : start + 128], images, roll)
             logits, _ = model(src, dec, img)
@@ -236,8 +245,12 @@ def evaluate(model: nn.Module, val: list, images: torch.Tensor, bin_offset: int)
             correct += int((pred.eq(labels) | skip).all(1).sum())
             close = pred.ge(bin_offset) & labels.ge(bin_offset) & (pred - labels).abs().le(BIN_TOLERANCE)
             near += int((pred.eq(labels) | skip | close).all(1).sum())
+            at = labels.ne(IGNORE).cumsum(1).argmax(1) - 1  # the last answer token, before eos
+            rows = torch.arange(len(at))
+            last += int(pred[rows, at].eq(labels[rows, at]).sum())
         out[f"{name}_loss"], out[f"{name}_acc"] = round(loss / tokens, 3), round(correct / len(val), 3)
         out[f"{name}_near"] = round(near / len(val), 3)
+        out[f"{name}_last"] = round(last / len(val), 3)
     if isinstance(model, OFAModel):
         grid = images.shape[-1] // 16
         out["pos_bias_std"] = {k: round(v, 2) for k, v in position_bias_scale(model, grid).items()}

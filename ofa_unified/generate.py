@@ -135,6 +135,47 @@ class TrieConstraint:
         return len(self._trie)
 
 
+class EvidenceConstraint:
+    """Free text, then `separator`, then one of the trie's candidates: a verdict written after the
+    evidence that settles it ("small circles: blue answer: no"). A text without the separator may end
+    only where it is itself a candidate (an answer that needs no evidence, "red"); evidence that
+    reaches `max_evidence` tokens is closed by the separator, so every finished hypothesis holds a
+    candidate. `text_ids`: the ids evidence may use (subwords; eos, bos and pad excluded)."""
+
+    def __init__(
+        self, trie: TrieConstraint, separator: Sequence[int], text_ids: range, max_evidence: int = 64
+    ):
+        if not separator:
+            raise ValueError("EvidenceConstraint needs a non-empty separator")
+        if text_ids.start <= trie.eos_id < text_ids.stop:
+            raise ValueError(f"text_ids {text_ids} must not contain eos ({trie.eos_id})")
+        self.trie = trie
+        self.separator = list(separator)
+        self.max_evidence = max_evidence
+        self.max_tokens = max_evidence + len(self.separator) + trie.max_tokens
+        self._text = text_ids
+        eos = trie.eos_id
+        self._text_or_eos = range(eos, text_ids.stop) if text_ids.start == eos + 1 else [eos, *text_ids]
+
+    def split(self, generated: Sequence[int]) -> tuple[list[int], list[int]] | None:
+        """(evidence, answer) at the separator's first occurrence; None before it is written."""
+        n = len(self.separator)
+        for i in range(len(generated) - n + 1):
+            if list(generated[i : i + n]) == self.separator:
+                return list(generated[:i]), list(generated[i + n :])
+        return None
+
+    def allowed(self, generated: Sequence[int]) -> Sequence[int]:
+        parts = self.split(generated)
+        if parts is not None:
+            return self.trie.allowed(parts[1])
+        if len(generated) >= self.max_evidence:  # close the evidence: the separator's next token
+            sep = self.separator
+            written = max(k for k in range(len(sep)) if k == 0 or list(generated[-k:]) == sep[:k])
+            return [sep[written]]
+        return self._text_or_eos if generated and generated in self.trie else self._text
+
+
 class TokenRangeConstraint:
     """Only ids in [lo, hi) (bins for boxes, codes for images). With `exact_len`, exactly that many
     such tokens and then eos; without it eos is allowed at any step."""

@@ -41,6 +41,7 @@ from ofa_unified.tasks import (
     Task,
     answer_trie,
     encode_answer,
+    evidence_constraint,
     get_task,
     instruction_source,
     parse_free,
@@ -189,6 +190,8 @@ class Predictor:
             constraint = answer_trie(self.vocab, req.candidates)
         else:
             constraint = task.constraint(self.vocab, record) if task else None
+        if self.model.config.answer_evidence:
+            constraint = evidence_constraint(self.vocab, constraint)
         mean_image, options = split_options(task, req.options)
         defaults = task.generation_kwargs(record) if task else dict(FREE_DEFAULTS)
         config = GenerationConfig(**{**defaults, **options})

@@ -139,6 +139,11 @@ class OFAConfig:
     # Preprocessing and decoding conventions that travel with the weights.
     patch_image_size: int = 480
     prompt_type: str = "none"  # "prev_output": source minus eos is forced as decoder prefix (OFA fine-tuned)
+    # True: verdicts (ITM, yes / no questions) are written after the evidence that settles them
+    # (" small circles: blue answer: no"), and decoding lets the model write it before the candidate
+    # trie. A bare yes / no is a comparison with no first-order signal, which neither this model nor
+    # a plain Transformer learns (bench/README.md, "Verifying a caption").
+    answer_evidence: bool = False
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:

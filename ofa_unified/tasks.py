@@ -30,7 +30,13 @@ from typing import Any
 from torch import Tensor
 
 from ofa_unified import metrics
-from ofa_unified.generate import Constraint, GenerationConfig, TokenRangeConstraint, TrieConstraint
+from ofa_unified.generate import (
+    Constraint,
+    EvidenceConstraint,
+    GenerationConfig,
+    TokenRangeConstraint,
+    TrieConstraint,
+)
 from ofa_unified.vocab import BOS, EOS, PAD, Vocab, dequantize, quantize
 from ofa_unified.vq import mask_middle, mask_patches
 
@@ -83,6 +89,41 @@ def answer_text(text: str) -> str:
 def encode_answer(vocab: Vocab, text: str) -> list[int]:
     """Ids of an answer exactly as they appear in a target (no bos/eos): decoding candidates use this."""
     return vocab.encode(answer_text(text), add_bos=False, add_eos=False)
+
+
+# A verdict written after its evidence: " small circles: blue answer: no" (models with
+# OFAConfig.answer_evidence). A record's "evidence" is the text that settles its answer.
+EVIDENCE_SEPARATOR = " answer:"
+MAX_EVIDENCE_TOKENS = 64
+
+
+def verdict_target(record: Record, answer: str) -> str:
+    """`answer` (target text) after the record's evidence and the separator, when it has evidence."""
+    evidence = _clean(record.get("evidence") or "")
+    return f" {evidence}{EVIDENCE_SEPARATOR}{answer}" if evidence else answer
+
+
+def split_evidence(tokens: Sequence[int], vocab: Vocab) -> tuple[list[int], list[int] | None]:
+    """(answer ids, evidence ids or None) of generated ids, cut at the last separator."""
+    sep = vocab.encode(EVIDENCE_SEPARATOR, add_bos=False, add_eos=False)
+    ids = list(tokens)
+    for i in range(len(ids) - len(sep), -1, -1):
+        if ids[i : i + len(sep)] == sep:
+            return ids[i + len(sep) :], ids[:i]
+    return ids, None
+
+
+def evidence_constraint(vocab: Vocab, constraint: Constraint | None) -> Constraint | None:
+    """A candidate trie opened to evidence first (for models trained with answer_evidence); other
+    constraints are returned as they are."""
+    if not isinstance(constraint, TrieConstraint):
+        return constraint
+    separator = vocab.encode(EVIDENCE_SEPARATOR, add_bos=False, add_eos=False)
+    return EvidenceConstraint(constraint, separator, range(EOS + 1, vocab.code_offset), MAX_EVIDENCE_TOKENS)
+
+
+def _with_evidence(result: dict, evidence: list[int] | None, vocab: Vocab) -> dict:
+    return {**result, "evidence": _clean(vocab.decode(evidence))} if evidence is not None else result
 
 
 def answer_trie(vocab: Vocab, candidates: Sequence[str]) -> TrieConstraint:
@@ -351,7 +392,8 @@ class VQATask(Task):
         if not record["answers"]:
             raise ValueError(f"{self.name} record has an empty 'answers' list")
         # Most common human answer; ties go to the one given first.
-        return answer_text(Counter(_clean(a) for a in record["answers"]).most_common(1)[0][0])
+        answer = Counter(_clean(a) for a in record["answers"]).most_common(1)[0][0]
+        return verdict_target(record, answer_text(answer))
 
     def constraint(
         self, vocab: Vocab, record: Record | None = None, candidates: Sequence[str] | None = None
@@ -360,7 +402,8 @@ class VQATask(Task):
         return answer_trie(vocab, candidates) if candidates is not None else None
 
     def parse(self, tokens: Sequence[int], vocab: Vocab, size: Size, record: Record | None = None) -> dict:
-        return {"answer": _text(_tokens(tokens, vocab), vocab, "an answer")}
+        answer, evidence = split_evidence(_tokens(tokens, vocab), vocab)
+        return _with_evidence({"answer": _text(answer, vocab, "an answer")}, evidence, vocab)
 
     def evaluate(self, predictions: Sequence[dict | None], records: Sequence[Record]) -> dict[str, float]:
         """Accuracy overall and, for records that carry a `question_type` (the shapes world's), per
@@ -386,7 +429,7 @@ class ClassificationTask(Task):
         label = _clean(record["label"]).lower()
         if label not in self.labels:
             raise ValueError(f"{self.name} label must be one of {list(self.labels)}, got {record['label']!r}")
-        return answer_text(label)
+        return verdict_target(record, answer_text(label))
 
     def constraint(
         self, vocab: Vocab, record: Record | None = None, candidates: Sequence[str] | None = None
@@ -394,10 +437,11 @@ class ClassificationTask(Task):
         return answer_trie(vocab, candidates if candidates is not None else self.labels)
 
     def parse(self, tokens: Sequence[int], vocab: Vocab, size: Size, record: Record | None = None) -> dict:
-        answer = _text(_tokens(tokens, vocab), vocab, "a label").lower()
+        ids, evidence = split_evidence(_tokens(tokens, vocab), vocab)
+        answer = _text(ids, vocab, "a label").lower()
         if answer not in self.labels:
             raise ParseError(f"{self.name} answer must be one of {list(self.labels)}, got {answer!r}")
-        return {"answer": answer}
+        return _with_evidence({"answer": answer}, evidence, vocab)
 
     def evaluate(self, predictions: Sequence[dict | None], records: Sequence[Record]) -> dict[str, float]:
         """Accuracy, and the share of the most frequent answer (1.0: one label whatever the input)."""

@@ -85,7 +85,7 @@ from ofa_unified.diagnostics import cross_attention_entropy, position_bias_scale
 from ofa_unified.generate import generate  # noqa: E402
 from ofa_unified.inference import VQ_DIR  # noqa: E402  (where the Predictor looks for a tokenizer)
 from ofa_unified.model import PAD_ID, OFAModel, build_model, in_batch_recall, itc_loss  # noqa: E402
-from ofa_unified.tasks import ParseError, get_task  # noqa: E402
+from ofa_unified.tasks import ParseError, evidence_constraint, get_task  # noqa: E402
 from ofa_unified.vocab import CONFIG_FILE as VOCAB_CONFIG  # noqa: E402
 from ofa_unified.vocab import Vocab  # noqa: E402
 from ofa_unified.vq import CONFIG_NAME as VQ_CONFIG  # noqa: E402
@@ -382,6 +382,7 @@ class MultitaskRecipe:
         if mc.image_tokens and self.vq is None:
             raise ValueError("model option image_tokens reads images as VQ codes: give a tokenizer, --vq DIR")
         self.prompt = mc.prompt_type == "prev_output"
+        self.evidence = mc.answer_evidence
         pairs = [t for t in self.tasks if contrastive(t)]
         if pairs and not self.model.has_retrieval:
             raise ValueError(f"tasks {pairs} train a retrieval head: give the model one (itc_dim=128)")
@@ -557,6 +558,7 @@ class MultitaskRecipe:
             seed=self.cfg.seed,
             vq=self.vq,
             code_image_size=self.code_image_size,
+            evidence=self.evidence,
         )
 
     def _train_data(self):
@@ -888,7 +890,10 @@ class MultitaskRecipe:
             )
             config = task.generation_config(records[0], beam_size=1, do_sample=False)
             prefix = [e.source_ids[1:-1] for e in examples] if self.prompt else None
-            hyps = generate(model, enc, config, [task.constraint(vocab, r) for r in records], prefix)
+            constraints = [task.constraint(vocab, r) for r in records]
+            if self.evidence:
+                constraints = [evidence_constraint(vocab, c) for c in constraints]
+            hyps = generate(model, enc, config, constraints, prefix)
         predictions = []
         for hyp, record, size in zip(hyps, records, sizes, strict=True):
             try:

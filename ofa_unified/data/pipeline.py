@@ -94,11 +94,14 @@ def build_example(
     rng: random.Random,
     vq: Any = None,
     image_size: int | None = None,
+    evidence: bool = False,
 ) -> Example:
     """Ids and pixels of one `(image, record)`; RecordError names the record id and the problem.
 
     `rng` picks among reference answers and drives photometric jitter; `image_size` is the side at
-    which text_to_image targets are tokenized (default: the transform's size).
+    which text_to_image targets are tokenized (default: the transform's size). `evidence`: a record's
+    "evidence" goes into its target before the answer (models with OFAConfig.answer_evidence);
+    otherwise it is ignored.
     """
     if not isinstance(record, Mapping):
         raise RecordError(f"a record must be a mapping, got {type(record).__name__}")
@@ -106,8 +109,11 @@ def build_example(
         task = get_task(record.get("task"))
     except ValueError as e:
         raise RecordError(f"record {record_name(record)}: {e}") from None
+    fields = dict(record)
+    if not evidence:
+        fields.pop("evidence", None)
     try:
-        return _build(task, image, dict(record), vocab, transform, rng, vq, image_size)
+        return _build(task, image, fields, vocab, transform, rng, vq, image_size)
     except (ValueError, KeyError, TypeError) as e:
         raise RecordError(f"record {record_name(record)} ({task.name}): {e}") from e
 
@@ -266,12 +272,16 @@ class ExampleDataset(Dataset):
         vq: Any = None,
         code_image_size: int | None = None,
         augment: bool = False,
+        evidence: bool = False,
     ) -> None:
         self.vocab, self.seed, self.vq, self.code_image_size = vocab, seed, vq, code_image_size
         self.transform = ImageTransform(image_size, augment=augment)
+        self.evidence = evidence
 
     def example(self, image: Image.Image, record: Mapping[str, Any], rng: random.Random) -> Example:
-        return build_example(image, record, self.vocab, self.transform, rng, self.vq, self.code_image_size)
+        return build_example(
+            image, record, self.vocab, self.transform, rng, self.vq, self.code_image_size, self.evidence
+        )
 
 
 class ShapesMultitask(ExampleDataset):
@@ -295,8 +305,9 @@ class ShapesMultitask(ExampleDataset):
         vq: Any = None,
         code_image_size: int | None = None,
         augment: bool = False,
+        evidence: bool = False,
     ) -> None:
-        super().__init__(vocab, image_size, seed, vq, code_image_size, augment)
+        super().__init__(vocab, image_size, seed, vq, code_image_size, augment, evidence)
         unknown = sorted(set(tasks) - set(shapes.TASKS))
         if unknown:
             raise ValueError(f"the shapes world has no tasks {unknown}; it has {', '.join(shapes.TASKS)}")
@@ -359,8 +370,9 @@ class RecordsDataset(ExampleDataset):
         vq: Any = None,
         code_image_size: int | None = None,
         augment: bool = False,
+        evidence: bool = False,
     ) -> None:
-        super().__init__(vocab, image_size, seed, vq, code_image_size, augment)
+        super().__init__(vocab, image_size, seed, vq, code_image_size, augment, evidence)
         self.spec, self.task_filter = spec, None if tasks is None else set(tasks)
         self._samples = self._read()
         if not self._samples:

@@ -528,14 +528,14 @@ def _absent_attrs(scene: Scene, rng: random.Random) -> dict[str, str]:
 
 def _vqa(scene: Scene, rng: random.Random) -> list[dict]:
     """Up to two questions of each kind: color, shape, count, existence (yes+no), relation (yes+no)."""
-    qas: dict[str, tuple[str, str]] = {}  # question -> (answer, kind)
+    qas: dict[str, tuple[str, str, str | None]] = {}  # question -> (answer, kind, evidence)
     n = len(scene.objects)
 
     def ask(kind: str, make) -> None:
         for _ in range(20):
             got = make()
             if got is not None and got[0] not in qas:
-                qas[got[0]] = (got[1], kind)
+                qas[got[0]] = (got[1], kind, got[2] if len(got) > 2 else None)
                 return
 
     def attribute_question(key: str, template: str, noun: str):
@@ -551,7 +551,7 @@ def _vqa(scene: Scene, rng: random.Random) -> list[dict]:
         attrs = (
             _random_attrs(rng, rng.choice(scene.objects)) if answer == "yes" else _absent_attrs(scene, rng)
         )
-        return f"is there {with_article(noun_phrase(attrs))}?", answer
+        return f"is there {with_article(noun_phrase(attrs))}?", answer, _existence_evidence(scene, attrs)
 
     pairs = _relation_pairs(scene)
 
@@ -560,8 +560,10 @@ def _vqa(scene: Scene, rng: random.Random) -> list[dict]:
         if rng.random() < 0.5:
             a, b, names_a, names_b = b, a, names_b, names_a
         options = [r for r in _RELATIONS if _RELATIONS[r][0] == _RELATIONS[relation][0]]
-        relation = next(r for r in options if _related(scene, a, b, r) == (answer == "yes"))
-        return f"is {rng.choice(names_a)} {relation} {rng.choice(names_b)}?", answer
+        asked = next(r for r in options if _related(scene, a, b, r) == (answer == "yes"))
+        holds = next(r for r in options if _related(scene, a, b, r))
+        name_a, name_b = rng.choice(names_a), rng.choice(names_b)
+        return f"is {name_a} {asked} {name_b}?", answer, f"{name_a} is {holds} {name_b}"
 
     for _ in range(2):
         ask("color", lambda: attribute_question("color", "what color is {}?", "shape"))
@@ -572,9 +574,26 @@ def _vqa(scene: Scene, rng: random.Random) -> list[dict]:
         if pairs:
             ask("relation", lambda a=answer: relation_question(a))
     return [
-        {"question": q, "answers": [a] * 10, "candidates": list(VQA_ANSWERS), "question_type": kind}
-        for q, (a, kind) in qas.items()
+        {
+            "question": q,
+            "answers": [a] * 10,
+            "candidates": list(VQA_ANSWERS),
+            "question_type": kind,
+            **({"evidence": evidence} if evidence else {}),
+        }
+        for q, (a, kind, evidence) in qas.items()
     ]
+
+
+def _existence_evidence(scene: Scene, attrs: dict[str, str]) -> str:
+    """What settles "is there a small red circle?": the colours of the small circles ("small circles:
+    blue, green"; shape or size when the question names no colour). The verdict is then a lookup of
+    the named value in that list, which a model learns where it does not learn the yes / no alone."""
+    key = next(k for k in ("color", "shape", "size") if k in attrs)
+    rest = {k: v for k, v in attrs.items() if k != key}
+    found = {getattr(o, key) for o in scene.objects if _matches(o, rest)}
+    values = [v for v in {"color": tuple(COLORS), "shape": SHAPES, "size": SIZES}[key] if v in found]
+    return f"{noun_phrase(rest, True)}: {', '.join(values) if values else 'none'}"
 
 
 def _itm(scene: Scene, rng: random.Random) -> list[dict]:
@@ -582,16 +601,21 @@ def _itm(scene: Scene, rng: random.Random) -> list[dict]:
     claims = _claims(scene)
     texts = {c.text for c in claims}
     positives = rng.sample(sorted(texts), 2)
-    negatives: list[str] = []
+    negatives: dict[str, str] = {}  # negative -> the true claim it was made from (its evidence)
     kinds = rng.sample(["color", "shape", "count"], 3)
     for attempt in range(30):
-        swapped = _swap(rng.choice(claims), kinds[attempt % 3], rng)
+        claim = rng.choice(claims)
+        swapped = _swap(claim, kinds[attempt % 3], rng)
         if swapped is not None and swapped.text not in texts and swapped.text not in negatives:
-            negatives.append(swapped.text)
+            negatives[swapped.text] = claim.text
             if len(negatives) == 2:
                 break
     pairs = zip(positives, negatives, strict=False)  # two and two, bar a pathological scene
-    return [{"text": t, "label": label} for p, q in pairs for t, label in ((p, "yes"), (q, "no"))]
+    return [
+        {"text": t, "label": label, "evidence": e}
+        for p, q in pairs
+        for t, label, e in ((p, "yes", p), (q, "no", negatives[q]))
+    ]
 
 
 def _entailment(scene: Scene, rng: random.Random, captions: list[str]) -> list[dict]:
