@@ -45,6 +45,7 @@ from ofa_unified.tasks import (
     get_task,
     instruction_source,
     parse_free,
+    split_evidence,
 )
 from ofa_unified.vocab import Vocab
 from ofa_unified.vq import encoder_codes
@@ -96,6 +97,11 @@ class _Prepared:
     mean_image: bool = False
 
 
+def max_tokens(p: _Prepared) -> int:
+    """The length at which decoding forces eos: max_new_tokens, or a constraint's longest path."""
+    return max(p.config.max_new_tokens, getattr(p.constraint, "max_tokens", None) or 0)
+
+
 def split_options(task: Task | None, options: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
     """A request's options as (mean_image, GenerationConfig overrides). `mean_image` is not a decoding
     setting: it says how an image task's samples become one picture (default: the task's)."""
@@ -133,6 +139,7 @@ class Predictor:
         self.image_size = image_size or model.config.patch_image_size
         self.transform = ImageTransform(self.image_size)
         self.max_source_tokens = max_source_tokens or model.config.max_positions
+        self.evidence = model.config.answer_evidence  # verdicts come after their evidence
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu", **kwargs) -> Predictor:
@@ -190,7 +197,7 @@ class Predictor:
             constraint = answer_trie(self.vocab, req.candidates)
         else:
             constraint = task.constraint(self.vocab, record) if task else None
-        if self.model.config.answer_evidence:
+        if self.evidence:
             constraint = evidence_constraint(self.vocab, constraint)
         mean_image, options = split_options(task, req.options)
         defaults = task.generation_kwargs(record) if task else dict(FREE_DEFAULTS)
@@ -291,12 +298,17 @@ class Predictor:
             "tokens": hyp.tokens,
             "score": hyp.score,
             "usage": {"prompt_tokens": int(prompt_tokens), "completion_tokens": len(hyp.tokens)},
-            "hit_max_new_tokens": not p.code_output and len(hyp.tokens) >= p.config.max_new_tokens,
+            "hit_max_new_tokens": not p.code_output and len(hyp.tokens) >= max_tokens(p),
         }
         grids: list[list[int]] = []
         try:
             if p.candidates is not None:
-                result["answer"] = self.vocab.decode(hyp.tokens).strip()
+                answer, evidence = hyp.tokens, None
+                if self.evidence:
+                    answer, evidence = split_evidence(hyp.tokens, self.vocab)
+                result["answer"] = self.vocab.decode(answer).strip()
+                if evidence is not None:
+                    result["evidence"] = self.vocab.decode(evidence).strip()
             elif p.task is None:
                 result.update(parse_free(hyp.tokens, self.vocab, p.size))
             else:

@@ -136,3 +136,18 @@ def test_evidence_is_closed_at_its_budget(vocab):
     if len(sep) > 1:
         assert list(c.allowed(long + sep[:1])) == [sep[1]]
     assert list(c.allowed(long + sep)) == trie.allowed([])
+
+
+def test_candidates_answer_is_split_from_its_evidence(vocab):
+    """A request's own candidate list: the answer is the candidate, the evidence comes beside it."""
+    model = build_model("micro", vocab_size=len(vocab), answer_evidence=True)
+    predictor = Predictor(model, vocab, image_size=32)
+    req = Request(
+        Image.new("RGB", (32, 32)),
+        task="vqa",
+        fields={"question": "is there a red circle?"},
+        candidates=["yes", "no"],
+    )
+    result = predictor.predict([req])[0]
+    assert result["answer"] in ("yes", "no"), result
+    assert ("evidence" in result) == (EVIDENCE_SEPARATOR.strip() in result["text"]), result

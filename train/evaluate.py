@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -53,29 +54,45 @@ IMAGE_TASKS = [t for t in SHAPES_TASKS if get_task(t).output == "codes"]
 EMBEDDING_TASKS = [t for t in SHAPES_TASKS if get_task(t).output == "embedding"]
 TEXT_TASKS = [t for t in SHAPES_TASKS if t not in IMAGE_TASKS + EMBEDDING_TASKS]
 # Fields that hold the answer: kept out of the request so the model cannot see them.
-ANSWER_FIELDS = {"captions", "answers", "label", "objects", "target_codes"}
+ANSWER_FIELDS = {"captions", "answers", "label", "objects", "target_codes", "evidence"}
 RETRIEVAL_POOL = 100  # scenes per retrieval pool: chance recall@1 is 1 / 100
 RECALL_AT = (1, 5)
 
 
 def collect(split: str, data: str | None, tasks: list[str], n: int, per_scene: int = 2) -> dict[str, list]:
-    """Up to n (image, record) pairs per task, at most `per_scene` from one image for variety."""
+    """Up to n (image, record) pairs per task, at most `per_scene` from one image for variety, drawn
+    at random (seed 0) among that image's records, so every question type is asked, not only the
+    ones a scene lists first (the shapes world lists colour questions before yes / no ones)."""
     if data:
         from ofa_unified.data.readers import open_dataset
 
         stream: Iterator = iter(open_dataset(data))
     else:
         stream = iter_samples(split, 10 * n, tasks=tasks)
+    rng = random.Random(0)
     out: dict[str, list] = defaultdict(list)
-    seen: dict[tuple, int] = defaultdict(int)
+    scene: dict[str, tuple[object, list]] = {}  # task -> (image id, the pairs of that image so far)
+
+    def flush(task: str) -> None:
+        _, pairs = scene.pop(task)
+        for pair in rng.sample(pairs, min(per_scene, len(pairs))):
+            if len(out[task]) < n:
+                out[task].append(pair)
+
     for image, record in stream:
-        task = record["task"]
-        key = (task, record.get("image_id"))
-        if task in tasks and len(out[task]) < n and seen[key] < per_scene:
-            seen[key] += 1
+        task, image_id = record["task"], record.get("image_id")
+        if task not in tasks or len(out[task]) >= n:
+            continue
+        if image_id is None:  # nothing groups the records: take each
             out[task].append((image, record))
+        else:
+            if task in scene and scene[task][0] != image_id:
+                flush(task)
+            scene.setdefault(task, (image_id, []))[1].append((image, record))
         if all(len(out[t]) >= n for t in tasks):
             break
+    for task in list(scene):
+        flush(task)
     return out
 
 
