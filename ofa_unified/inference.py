@@ -339,16 +339,33 @@ class Predictor:
             batch[i].candidates if batch[i].candidates is not None else list(batch[i].task.labels)
             for i in rows
         ]
+        # an answer after its evidence is scored after that evidence: the shared prefix's log-prob
+        # cancels in the softmax, so this is P(label | image, instruction, evidence)
+        prefixes = [self._evidence_prefix(out[i]["tokens"]) for i in rows]
         selected = enc.index_select(torch.tensor(rows, device=self.device))
-        for i, probs in zip(rows, self._label_probabilities(selected, labels), strict=True):
+        for i, probs in zip(rows, self._label_probabilities(selected, labels, prefixes), strict=True):
             out[i]["probabilities"] = probs
             answer = out[i].get("answer")
             if answer in probs:
                 out[i]["probability"] = probs[answer]
 
-    def _label_probabilities(self, enc, labels: list[list[str]]) -> list[dict[str, float]]:
-        """Each row's softmax over its labels' summed log-probs (OFA's allcand scoring, exact)."""
-        cands = [[encode_answer(self.vocab, c) for c in names] for names in labels]
+    def _evidence_prefix(self, tokens: list[int]) -> list[int]:
+        """The evidence and separator an answer_evidence model wrote before its answer ([] if none)."""
+        if not self.evidence:
+            return []
+        answer, evidence = split_evidence(tokens, self.vocab)
+        return list(tokens[: len(tokens) - len(answer)]) if evidence is not None else []
+
+    def _label_probabilities(
+        self, enc, labels: list[list[str]], prefixes: list[list[int]] | None = None
+    ) -> list[dict[str, float]]:
+        """Each row's softmax over its labels' summed log-probs (OFA's allcand scoring, exact), each
+        label after its row's prefix when given."""
+        prefixes = prefixes or [[] for _ in labels]
+        cands = [
+            [prefix + encode_answer(self.vocab, c) for c in names]
+            for names, prefix in zip(labels, prefixes, strict=True)
+        ]
         out = []
         for names, s in zip(labels, score_candidates(self.model, enc, cands), strict=True):
             top = max(s)
@@ -468,6 +485,10 @@ class Predictor:
         out: list[float] = []
         for start in range(0, len(pairs), batch_size):
             chunk = pairs[start : start + batch_size]
+            if self.evidence:  # the verdict follows the evidence the model writes first
+                results = self.predict([Request(im, "itm", {"text": text}) for im, text in chunk])
+                out += [r["probabilities"]["yes"] for r in results]
+                continue
             batch = [self._prepare(Request(im, "itm", {"text": text})) for im, text in chunk]
             probs = self._label_probabilities(self._encode(batch), [labels] * len(batch))
             out += [p["yes"] for p in probs]

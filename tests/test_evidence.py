@@ -151,3 +151,17 @@ def test_candidates_answer_is_split_from_its_evidence(vocab):
     result = predictor.predict([req])[0]
     assert result["answer"] in ("yes", "no"), result
     assert ("evidence" in result) == (EVIDENCE_SEPARATOR.strip() in result["text"]), result
+
+
+def test_verdict_probabilities_follow_the_evidence(vocab):
+    """Label probabilities of an evidence model are scored after the evidence it wrote; itm_scores
+    (retrieval re-ranking) reads the same number."""
+    model = build_model("micro", vocab_size=len(vocab), answer_evidence=True)
+    predictor = Predictor(model, vocab, image_size=32)
+    image = Image.new("RGB", (32, 32), "blue")
+    result = predictor.predict([Request(image, task="itm", fields={"text": "a red circle"})])[0]
+    probs = result["probabilities"]
+    assert set(probs) == {"yes", "no"} and abs(sum(probs.values()) - 1) < 1e-6
+    prefix = predictor._evidence_prefix(result["tokens"])
+    assert result["tokens"][: len(prefix)] == prefix
+    assert predictor.itm_scores([(image, "a red circle")]) == pytest.approx([probs["yes"]])
