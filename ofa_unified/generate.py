@@ -135,6 +135,15 @@ class TrieConstraint:
         return len(self._trie)
 
 
+def split_at(ids: Sequence[int], separator: Sequence[int]) -> tuple[list[int], list[int]] | None:
+    """(before, after) `ids` at the separator's first occurrence; None where it does not occur."""
+    ids, sep, n = list(ids), list(separator), len(separator)
+    for i in range(len(ids) - n + 1):
+        if ids[i : i + n] == sep:
+            return ids[:i], ids[i + n :]
+    return None
+
+
 class EvidenceConstraint:
     """Free text, then `separator`, then one of the trie's candidates: a verdict written after the
     evidence that settles it ("small circles: blue answer: no"). A text without the separator may end
@@ -157,16 +166,8 @@ class EvidenceConstraint:
         eos = trie.eos_id
         self._text_or_eos = range(eos, text_ids.stop) if text_ids.start == eos + 1 else [eos, *text_ids]
 
-    def split(self, generated: Sequence[int]) -> tuple[list[int], list[int]] | None:
-        """(evidence, answer) at the separator's first occurrence; None before it is written."""
-        n = len(self.separator)
-        for i in range(len(generated) - n + 1):
-            if list(generated[i : i + n]) == self.separator:
-                return list(generated[:i]), list(generated[i + n :])
-        return None
-
     def allowed(self, generated: Sequence[int]) -> Sequence[int]:
-        parts = self.split(generated)
+        parts = split_at(generated, self.separator)
         if parts is not None:
             return self.trie.allowed(parts[1])
         if len(generated) >= self.max_evidence:  # close the evidence: the separator's next token

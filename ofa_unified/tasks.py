@@ -36,6 +36,7 @@ from ofa_unified.generate import (
     GenerationConfig,
     TokenRangeConstraint,
     TrieConstraint,
+    split_at,
 )
 from ofa_unified.vocab import BOS, EOS, PAD, Vocab, dequantize, quantize
 from ofa_unified.vq import mask_middle, mask_patches
@@ -104,13 +105,9 @@ def verdict_target(record: Record, answer: str) -> str:
 
 
 def split_evidence(tokens: Sequence[int], vocab: Vocab) -> tuple[list[int], list[int] | None]:
-    """(answer ids, evidence ids or None) of generated ids, cut at the last separator."""
-    sep = vocab.encode(EVIDENCE_SEPARATOR, add_bos=False, add_eos=False)
-    ids = list(tokens)
-    for i in range(len(ids) - len(sep), -1, -1):
-        if ids[i : i + len(sep)] == sep:
-            return ids[i + len(sep) :], ids[:i]
-    return ids, None
+    """(answer ids, evidence ids or None) of generated ids, cut where EvidenceConstraint cuts them."""
+    parts = split_at(tokens, vocab.encode(EVIDENCE_SEPARATOR, add_bos=False, add_eos=False))
+    return (parts[1], parts[0]) if parts is not None else (list(tokens), None)
 
 
 def evidence_constraint(vocab: Vocab, constraint: Constraint | None) -> Constraint | None:
